@@ -1,0 +1,3 @@
+module example.com/background
+
+go 1.22
