@@ -1,0 +1,1323 @@
+package background_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httptrace"
+	"net/textproto"
+	"reflect"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"example.com/background"
+)
+
+// failSafe bounds every wait in these tests. Nothing should take more than a
+// fraction of it; it only stops a broken build from hanging.
+const failSafe = 30 * time.Second
+
+// bufferLimit is how much of an unsized body the wrapper holds back.
+const bufferLimit = 64 << 10
+
+// --- Examples ---
+
+// notify is the tutorial's endpoint: it answers at once and leaves the log
+// line to a task.
+func notify(w http.ResponseWriter, r *http.Request) {
+	msg := "Notification sent to: " + r.PathValue("email")
+	background.FromContext(r.Context()).Add(func(ctx context.Context) error { return writeLog(msg) })
+	json.NewEncoder(w).Encode(map[string]string{"message": "Notification sent successfully!"})
+}
+
+// writeLog stands in for slow work, such as sending an email.
+func writeLog(msg string) error {
+	_, err := fmt.Println("Log written:", msg)
+	return err
+}
+
+func Example() {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /send-notification/{email}", notify)
+	h := background.NewHandler(mux)
+	srv := httptest.NewServer(h)
+
+	resp, err := http.Post(srv.URL+"/send-notification/test@example.com", "", nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Print(string(body)) // the task runs meanwhile, so the order of the lines varies
+
+	srv.Close()
+	h.Shutdown(context.Background())
+	// Unordered output:
+	// {"message":"Notification sent successfully!"}
+	// Log written: Notification sent to: test@example.com
+}
+
+func ExampleHandler_Shutdown() {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /send-notification/{email}", notify)
+	h := background.NewHandler(mux)
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	go srv.Serve(ln)
+
+	resp, err := http.Post("http://"+ln.Addr().String()+"/send-notification/ada@example.com", "", nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+
+	// Time to stop, on SIGTERM say. Both steps share one deadline.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// First, stop taking requests and let the responses in flight finish...
+	if err := srv.Shutdown(ctx); err != nil {
+		log.Fatal(err)
+	}
+	// ...then wait for the tasks those responses queued.
+	if err := h.Shutdown(ctx); err != nil {
+		fmt.Println("some tasks did not finish:", err)
+		return
+	}
+	fmt.Println("all tasks done")
+	// Output:
+	// Log written: Notification sent to: ada@example.com
+	// all tasks done
+}
+
+// --- Helpers ---
+
+// logBuffer collects a Handler's log records.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+// records returns the records logged so far, decoded.
+func (l *logBuffer) records(t *testing.T) []map[string]any {
+	t.Helper()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var recs []map[string]any
+	dec := json.NewDecoder(bytes.NewReader(l.buf.Bytes()))
+	for dec.More() {
+		var rec map[string]any
+		if err := dec.Decode(&rec); err != nil {
+			t.Fatalf("log is not JSON lines: %v\n%s", err, l.buf.String())
+		}
+		recs = append(recs, rec)
+	}
+	return recs
+}
+
+// find returns the first record whose message contains msg, or nil.
+func (l *logBuffer) find(t *testing.T, msg string) map[string]any {
+	t.Helper()
+	for _, rec := range l.records(t) {
+		if strings.Contains(rec["msg"].(string), msg) {
+			return rec
+		}
+	}
+	return nil
+}
+
+// wrap returns next wrapped in a Handler that logs to the returned buffer.
+// When the test ends, it waits for the Handler's tasks.
+func wrap(t *testing.T, next http.HandlerFunc) (*background.Handler, *logBuffer) {
+	t.Helper()
+	logs := new(logBuffer)
+	h := background.NewHandler(next)
+	h.Logger = slog.New(slog.NewJSONHandler(logs, nil))
+	t.Cleanup(func() { shutdown(t, h) })
+	return h, logs
+}
+
+// shutdown waits for h's tasks, failing the test if that takes too long.
+func shutdown(t *testing.T, h *background.Handler) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), failSafe)
+	defer cancel()
+	if err := h.Shutdown(ctx); err != nil {
+		t.Errorf("Shutdown: %v", err)
+	}
+}
+
+// serve starts a test server for h on 127.0.0.1, closed when the test ends.
+// Its error log goes to the test log.
+func serve(t *testing.T, h http.Handler) *httptest.Server {
+	t.Helper()
+	srv := httptest.NewUnstartedServer(h)
+	srv.Config.ErrorLog = log.New(testWriter{t}, "server: ", 0)
+	srv.Start()
+	t.Cleanup(srv.Close)
+	srv.Client().Timeout = failSafe
+	return srv
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+// get sends a GET to url with c and returns the whole body.
+func get(t *testing.T, c *http.Client, url string) string {
+	t.Helper()
+	resp, err := c.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s", url, resp.Status)
+	}
+	return string(body)
+}
+
+// await waits for ch to be closed or to deliver, failing the test after failSafe.
+func await[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(failSafe):
+		t.Fatalf("timed out waiting for %s", what)
+		panic("unreachable")
+	}
+}
+
+// addTask adds task to r's request, failing the handler if r is not wrapped.
+func addTask(r *http.Request, task func(ctx context.Context) error) {
+	background.FromContext(r.Context()).Add(task)
+}
+
+// --- 1. The client gets the whole response before any task starts ---
+
+// wireLog records every byte a server has written to its connections.
+type wireLog struct {
+	net.Listener
+	mu  sync.Mutex
+	out bytes.Buffer
+}
+
+func (l *wireLog) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &wireConn{Conn: c, log: l}, nil
+}
+
+// sent returns a copy of what has been written so far.
+func (l *wireLog) sent() []byte {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return bytes.Clone(l.out.Bytes())
+}
+
+type wireConn struct {
+	net.Conn
+	log *wireLog
+}
+
+func (c *wireConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.log.mu.Lock()
+	c.log.out.Write(p[:n])
+	c.log.mu.Unlock()
+	return n, err
+}
+
+func TestResponseIsCompleteOnTheWireBeforeTaskStarts(t *testing.T) {
+	cases := []struct {
+		name, method string
+		handler      http.HandlerFunc
+		body         string
+	}{
+		{"no Content-Length", "GET", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/plain")
+			io.WriteString(w, "hello, ")
+			io.WriteString(w, "world")
+		}, "hello, world"},
+		{"Content-Length set", "GET", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "5")
+			io.WriteString(w, "hello")
+		}, "hello"},
+		{"empty body", "GET", func(w http.ResponseWriter, r *http.Request) {}, ""},
+		{"error status", "GET", func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, "no such thing", http.StatusNotFound)
+		}, "no such thing\n"},
+		{"HEAD", "HEAD", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "not sent")
+		}, ""},
+		{"body at the buffer limit", "GET", func(w http.ResponseWriter, r *http.Request) {
+			w.Write(bytes.Repeat([]byte("x"), bufferLimit))
+		}, strings.Repeat("x", bufferLimit)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			wire := &wireLog{Listener: ln}
+			block := make(chan struct{})
+			defer close(block)
+			looked, onWire := make(chan error, 1), make(chan error, 1)
+			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+				addTask(r, func(context.Context) error {
+					looked <- readWholeResponse(wire.sent(), tc.method, tc.body)
+					<-block // a task that never ends must not hold up the client
+					return nil
+				})
+				tc.handler(w, r)
+			})
+			// net/http finishes the response after ServeHTTP returns. Hold it
+			// there until the task has looked, so that only what the wrapper
+			// itself sent can be on the wire.
+			srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				h.ServeHTTP(w, r)
+				onWire <- await(t, looked, "the task to look at the wire")
+			}))
+			srv.Listener = wire
+			srv.Start()
+			defer srv.Close()
+
+			req, _ := http.NewRequest(tc.method, srv.URL, nil)
+			resp, err := srv.Client().Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil || string(body) != tc.body {
+				t.Fatalf("client read %d bytes, %v; want %d bytes", len(body), err, len(tc.body))
+			}
+			if err := await(t, onWire, "the task"); err != nil {
+				t.Errorf("when the task started, the response on the wire was incomplete: %v", err)
+			}
+		})
+	}
+}
+
+// readWholeResponse reports whether raw holds one whole, properly framed
+// response to a method request, with the given body.
+func readWholeResponse(raw []byte, method, want string) error {
+	resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(raw)), &http.Request{Method: method})
+	if err != nil {
+		return fmt.Errorf("%d bytes sent, no response header: %v", len(raw), err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("%d bytes sent, body cut short after %d bytes: %v", len(raw), len(body), err)
+	}
+	if string(body) != want {
+		return fmt.Errorf("body is %d bytes, want %d", len(body), len(want))
+	}
+	return nil
+}
+
+func TestStreamedResponseDoesNotWaitForTask(t *testing.T) {
+	const size = 3 << 20
+	block := make(chan struct{})
+	defer close(block)
+	started := make(chan struct{})
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error {
+			close(started)
+			<-block
+			return nil
+		})
+		chunk := bytes.Repeat([]byte("y"), 32<<10)
+		for n := 0; n < size; n += len(chunk) {
+			w.Write(chunk)
+		}
+	})
+	srv := serve(t, h)
+	if body := get(t, srv.Client(), srv.URL); len(body) != size {
+		t.Fatalf("got %d bytes, want %d", len(body), size)
+	}
+	await(t, started, "the task to start")
+}
+
+// --- 2. The connection is free ---
+
+func TestKeepAliveConnectionServesNextRequestWhileTasksRun(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	started := make(chan struct{})
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			addTask(r, func(context.Context) error {
+				close(started)
+				<-release
+				return nil
+			})
+		}
+		io.WriteString(w, "ok")
+	})
+	srv := serve(t, h)
+	tr := srv.Client().Transport.(*http.Transport).Clone()
+	tr.MaxConnsPerHost = 1 // the second request can only use the first one's connection
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: failSafe}
+
+	get(t, client, srv.URL+"/slow")
+	await(t, started, "the first request's task")
+
+	var reused bool
+	trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { reused = info.Reused }}
+	req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "GET", srv.URL+"/fast", nil)
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatalf("second request on the connection, while the first one's task runs: %v", err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if !reused {
+		t.Error("the second request did not reuse the keep-alive connection")
+	}
+}
+
+// --- 3. Order ---
+
+func TestTasksOfOneRequestRunOneAtATimeInOrder(t *testing.T) {
+	var (
+		mu      sync.Mutex
+		order   []int
+		running atomic.Int32
+	)
+	task := func(n int, then func(ctx context.Context)) func(context.Context) error {
+		return func(ctx context.Context) error {
+			if running.Add(1) != 1 {
+				t.Errorf("task %d started while another task of its request was running", n)
+			}
+			mu.Lock()
+			order = append(order, n)
+			mu.Unlock()
+			if then != nil {
+				then(ctx)
+			}
+			running.Add(-1)
+			return nil
+		}
+	}
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		tasks := background.FromContext(r.Context())
+		tasks.Add(task(1, func(ctx context.Context) {
+			background.FromContext(ctx).Add(task(5, nil)) // after those already queued
+		}))
+		for n := 2; n <= 4; n++ {
+			tasks.Add(task(n, nil))
+		}
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL)
+	shutdown(t, h)
+
+	mu.Lock()
+	defer mu.Unlock()
+	if want := []int{1, 2, 3, 4, 5}; !reflect.DeepEqual(order, want) {
+		t.Errorf("tasks ran in order %v, want %v", order, want)
+	}
+}
+
+func TestTasksOfDifferentRequestsRunConcurrently(t *testing.T) {
+	var arrived sync.WaitGroup
+	arrived.Add(2)
+	both := make(chan struct{})
+	go func() { arrived.Wait(); close(both) }()
+	errs := make(chan error, 2)
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error {
+			arrived.Done()
+			select {
+			case <-both:
+				errs <- nil
+			case <-time.After(failSafe):
+				errs <- errors.New("the other request's task never ran alongside this one")
+			}
+			return nil
+		})
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL+"/a")
+	get(t, srv.Client(), srv.URL+"/b")
+	for i := 0; i < 2; i++ {
+		if err := await(t, errs, "a task"); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// --- 4. Context ---
+
+type ctxKey string
+
+func TestTaskContextHasValuesButOnlyShutdownCancelsIt(t *testing.T) {
+	type result struct {
+		middleware, handler any
+		err                 error
+		hasDeadline         bool
+	}
+	results := make(chan result, 1)
+	causes := make(chan error, 1)
+	requestOver := errors.New("request over")
+	inner := func(w http.ResponseWriter, r *http.Request) {
+		reqCtx := r.Context()
+		ctx := context.WithValue(reqCtx, ctxKey("handler"), "from the handler")
+		background.FromContext(ctx).Add(func(ctx context.Context) error {
+			<-reqCtx.Done() // the handler has returned, and the request is over
+			_, ok := ctx.Deadline()
+			results <- result{ctx.Value(ctxKey("middleware")), ctx.Value(ctxKey("handler")), ctx.Err(), ok}
+			<-ctx.Done()
+			causes <- context.Cause(ctx)
+			return nil
+		})
+	}
+	// Middleware inside the wrapper adds a value to the request's context,
+	// and ends that context with a cause of its own.
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), ctxKey("middleware"), "from middleware"))
+		defer cancel(requestOver)
+		inner(w, r.WithContext(ctx))
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL)
+
+	got := await(t, results, "the task")
+	if got.middleware != "from middleware" || got.handler != "from the handler" {
+		t.Errorf("task saw values %q and %q, want the middleware's and the handler's", got.middleware, got.handler)
+	}
+	if got.err != nil || got.hasDeadline {
+		t.Errorf("after the request ended, the task's ctx has Err %v, deadline %v; want neither", got.err, got.hasDeadline)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	h.Shutdown(ctx)
+	if cause := await(t, causes, "the task's ctx to be canceled"); cause != context.Canceled {
+		t.Errorf("canceled by Shutdown, the task's ctx has cause %v, want context.Canceled", cause)
+	}
+}
+
+// --- 5. Failures are isolated and visible ---
+
+func TestFailingTasksAreLoggedAndTheRestStillRun(t *testing.T) {
+	ran := make(chan struct{})
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/jobs" {
+			return
+		}
+		addTask(r, func(context.Context) error { return errors.New("mail server said no") })
+		addTask(r, func(context.Context) error { panic("task blew up") })
+		addTask(r, func(context.Context) error { close(ran); return nil })
+	})
+	srv := serve(t, h)
+	resp, err := srv.Client().Post(srv.URL+"/jobs", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	await(t, ran, "the task after the failing ones")
+	shutdown(t, h)
+
+	failed := logs.find(t, "task failed")
+	if failed == nil || failed["err"] != "mail server said no" || failed["method"] != "POST" || failed["path"] != "/jobs" {
+		t.Errorf("task error logged as %v; want its error, method and path", failed)
+	}
+	panicked := logs.find(t, "task panicked")
+	if panicked == nil || panicked["panic"] != "task blew up" || panicked["method"] != "POST" || panicked["path"] != "/jobs" ||
+		!strings.Contains(fmt.Sprint(panicked["stack"]), "background_test.TestFailingTasksAreLoggedAndTheRestStillRun") {
+		t.Errorf("task panic logged as %v; want its value, method, path and stack", panicked)
+	}
+	get(t, srv.Client(), srv.URL+"/still-up")
+}
+
+// --- 6. A panicking handler runs no tasks ---
+
+func TestPanickingHandlerRunsNoTasks(t *testing.T) {
+	var ran atomic.Bool
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { ran.Store(true); return nil })
+		io.WriteString(w, "partial")
+		panic("handler blew up")
+	})
+	serverLog := new(logBuffer)
+	srv := httptest.NewUnstartedServer(h)
+	srv.Config.ErrorLog = log.New(serverLog, "", 0)
+	srv.Start()
+	defer srv.Close()
+
+	if resp, err := srv.Client().Get(srv.URL); err == nil {
+		resp.Body.Close()
+		t.Fatalf("client got %s from a panicking handler; want the connection closed", resp.Status)
+	}
+	shutdown(t, h) // nothing is left to wait for
+	if ran.Load() {
+		t.Error("a task of a panicking handler ran")
+	}
+	if rec := logs.find(t, "dropped"); rec == nil || rec["count"] != 1.0 {
+		t.Errorf("dropped tasks logged as %v; want a count of 1", rec)
+	}
+	srv.Close() // wait for net/http to have logged the panic
+	if !strings.Contains(serverLog.buf.String(), "handler blew up") {
+		t.Errorf("net/http did not log the panic; its log: %q", serverLog.buf.String())
+	}
+}
+
+func TestHandlerPanicPropagatesUnchanged(t *testing.T) {
+	for _, value := range []any{"handler blew up", http.ErrAbortHandler} {
+		h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) { panic(value) })
+		got := func() (v any) {
+			defer func() { v = recover() }()
+			h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
+			return nil
+		}()
+		if got != value {
+			t.Errorf("panic(%v) reached the caller as %v", value, got)
+		}
+	}
+}
+
+// --- 7. Nothing is dropped silently ---
+
+func TestAddWithoutNewHandlerPanicsSayingSo(t *testing.T) {
+	if tasks := background.FromContext(context.Background()); tasks != nil {
+		t.Fatalf("FromContext outside a wrapped handler = %v, want nil", tasks)
+	}
+	for name, tasks := range map[string]*background.Tasks{"nil": nil, "zero": {}} {
+		func() {
+			defer func() {
+				if v := recover(); !strings.Contains(fmt.Sprint(v), "NewHandler") {
+					t.Errorf("Add on a %s Tasks panicked with %v; want a message naming NewHandler", name, v)
+				}
+			}()
+			tasks.Add(func(context.Context) error { return nil })
+		}()
+	}
+}
+
+func TestAddNilTaskPanics(t *testing.T) {
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) { addTask(r, nil) })
+	defer func() {
+		if v := recover(); !strings.Contains(fmt.Sprint(v), "nil task") {
+			t.Errorf("Add(nil) panicked with %v; want a message saying the task is nil", v)
+		}
+	}()
+	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
+}
+
+func TestAddAfterTasksFinishedRunsAndShutdownWaitsForIt(t *testing.T) {
+	firstDone := make(chan struct{})
+	lateStarted := make(chan context.Context)
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		tasks := background.FromContext(r.Context())
+		tasks.Add(func(context.Context) error { close(firstDone); return nil })
+		go func() { // a goroutine that outlives the handler
+			<-firstDone
+			tasks.Add(func(ctx context.Context) error {
+				lateStarted <- ctx
+				<-ctx.Done()
+				return nil
+			})
+		}()
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL)
+	taskCtx := await(t, lateStarted, "the task added late")
+
+	// Shutdown must count the late task: with no time to wait, it reports
+	// the task still running, and cancels it.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := h.Shutdown(ctx); err != context.Canceled {
+		t.Fatalf("Shutdown with a task running = %v, want context.Canceled", err)
+	}
+	await(t, taskCtx.Done(), "the late task's context to be canceled")
+}
+
+// --- 8. Transparent ---
+
+// response is what a client saw of one response.
+type response struct {
+	Informational []string // 1xx responses, each with its header
+	Status        int
+	Header        http.Header // without Date, Content-Length and Transfer-Encoding
+	Body          string
+	Trailer       http.Header
+	Err           string // "" if the body was read to its end
+}
+
+// fetch sends method to url and records everything the client sees.
+func fetch(t *testing.T, c *http.Client, method, url string) response {
+	t.Helper()
+	var got response
+	trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+		got.Informational = append(got.Informational, fmt.Sprint(code, " ", h))
+		return nil
+	}}
+	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), method, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		got.Err = "no response: " + err.Error()
+		return got
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		got.Err = err.Error()
+	}
+	got.Status, got.Header, got.Body, got.Trailer = resp.StatusCode, resp.Header, string(body), resp.Trailer
+	for _, k := range []string{"Date", "Content-Length", "Transfer-Encoding"} {
+		got.Header.Del(k)
+	}
+	return got
+}
+
+// compare fetches method url from both servers and reports any difference.
+func compare(t *testing.T, bare, wrapped *httptest.Server, method, path string) {
+	t.Helper()
+	want := fetch(t, bare.Client(), method, bare.URL+path)
+	got := fetch(t, wrapped.Client(), method, wrapped.URL+path)
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("%s %s:\nwrapped: %s\nbare:    %s", method, path, summary(got), summary(want))
+	}
+}
+
+func summary(r response) string {
+	body := r.Body
+	if len(body) > 40 {
+		body = fmt.Sprintf("%.40q... (%d bytes)", body, len(body))
+	}
+	return fmt.Sprintf("1xx %v, status %d, header %v, body %s, trailer %v, err %q", r.Informational, r.Status, r.Header, body, r.Trailer, r.Err)
+}
+
+func TestResponseIsTheSameWithOrWithoutWrapper(t *testing.T) {
+	chunked := func(w http.ResponseWriter, size int) {
+		chunk := bytes.Repeat([]byte("0123456789abcdef"), 2<<10)
+		for size > 0 {
+			n := min(size, len(chunk))
+			w.Write(chunk[:n])
+			size -= n
+		}
+	}
+	cases := map[string]http.HandlerFunc{
+		"/json": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			io.WriteString(w, `{"message":"Notification sent successfully!"}`)
+		},
+		"/empty": func(w http.ResponseWriter, r *http.Request) {},
+		"/sniffed": func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "<!DOCTYPE html><title>hi</title>")
+		},
+		"/not-found": func(w http.ResponseWriter, r *http.Request) { http.NotFound(w, r) },
+		"/500-no-body": func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(http.StatusInternalServerError)
+		},
+		"/204": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Id", "7")
+			w.WriteHeader(http.StatusNoContent)
+			w.Write([]byte("no body allowed"))
+		},
+		"/304": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("ETag", `"v1"`)
+			w.Header().Set("Content-Type", "text/plain")
+			w.WriteHeader(http.StatusNotModified)
+		},
+		"/content-length": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "11")
+			w.WriteHeader(http.StatusCreated)
+			io.WriteString(w, "hello world")
+		},
+		"/103-early-hints": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Link", "</style.css>; rel=preload")
+			w.WriteHeader(http.StatusEarlyHints)
+			w.Header().Set("X-Final", "yes")
+			w.WriteHeader(http.StatusCreated)
+			io.WriteString(w, "after the hints")
+		},
+		"/header-changed-after-write-header": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Before", "sent")
+			w.WriteHeader(http.StatusAccepted)
+			w.Header().Set("X-After", "ignored")
+			w.Header().Del("X-Before")
+			io.WriteString(w, "body")
+		},
+		"/header-changed-after-write": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Before", "sent")
+			chunked(w, 100<<10)
+			w.Header().Set("X-After", "ignored")
+		},
+		"/just-over-buffer": func(w http.ResponseWriter, r *http.Request) { chunked(w, bufferLimit+1) },
+		"/multi-megabyte":   func(w http.ResponseWriter, r *http.Request) { chunked(w, 5<<20) },
+		"/flushed": func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "first ")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "second")
+		},
+		"/declared-trailer": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Trailer", "X-Checksum")
+			io.WriteString(w, "body")
+			w.Header().Set("X-Checksum", "abc")
+		},
+		"/prefixed-trailer": func(w http.ResponseWriter, r *http.Request) {
+			chunked(w, 4<<10)
+			w.Header().Set(http.TrailerPrefix+"X-Late", "xyz")
+		},
+		"/short-content-length": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "100")
+			io.WriteString(w, "too short")
+		},
+	}
+	mux := http.NewServeMux()
+	for path, handler := range cases {
+		mux.Handle(path, handler)
+	}
+	bare := serve(t, mux)
+	h, _ := wrap(t, mux.ServeHTTP)
+	wrapped := serve(t, h)
+	for path := range cases {
+		for _, method := range []string{"GET", "HEAD"} {
+			t.Run(method+path, func(t *testing.T) { compare(t, bare, wrapped, method, path) })
+		}
+	}
+}
+
+func TestHeadResponseWithoutBodyClaimsNoLength(t *testing.T) {
+	// A handler may skip the body of a HEAD response: that does not make the
+	// body empty, so the response must not say Content-Length: 0.
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodHead {
+			io.WriteString(w, "the body of a GET")
+		}
+	})
+	srv := serve(t, h)
+	resp, err := srv.Client().Head(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if cl, ok := resp.Header["Content-Length"]; ok {
+		t.Errorf("HEAD response with no body written has Content-Length %v; want none", cl)
+	}
+}
+
+func TestInvalidStatusPanicsInHandler(t *testing.T) {
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(1000)
+		t.Error("WriteHeader(1000) returned; net/http panics there")
+	})
+	defer func() {
+		if v := recover(); !strings.Contains(fmt.Sprint(v), "invalid WriteHeader code") {
+			t.Errorf("WriteHeader(1000) panicked with %v, want net/http's message", v)
+		}
+	}()
+	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
+}
+
+func TestFlushSendsEachChunkBeforeHandlerGoesOn(t *testing.T) {
+	flushes := map[string]func(w http.ResponseWriter) error{
+		"http.Flusher":            func(w http.ResponseWriter) error { w.(http.Flusher).Flush(); return nil },
+		"http.ResponseController": func(w http.ResponseWriter) error { return http.NewResponseController(w).Flush() },
+	}
+	for name, flush := range flushes {
+		t.Run(name, func(t *testing.T) {
+			clientGot := make(chan struct{})
+			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+				io.WriteString(w, "first")
+				if err := flush(w); err != nil {
+					t.Errorf("Flush: %v", err)
+				}
+				await(t, clientGot, "the client to read the flushed chunk")
+				io.WriteString(w, "second")
+			})
+			srv := serve(t, h)
+			resp, err := srv.Client().Get(srv.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			first := make([]byte, len("first"))
+			if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" {
+				t.Fatalf("read %q, %v before the handler went on; want %q", first, err, "first")
+			}
+			close(clientGot)
+			if rest, err := io.ReadAll(resp.Body); err != nil || string(rest) != "second" {
+				t.Errorf("then read %q, %v; want %q", rest, err, "second")
+			}
+		})
+	}
+}
+
+func TestResponseControllerReachesServerWriter(t *testing.T) {
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		deadline := time.Now().Add(failSafe)
+		for name, err := range map[string]error{
+			"SetReadDeadline":  rc.SetReadDeadline(deadline),
+			"SetWriteDeadline": rc.SetWriteDeadline(deadline),
+			"EnableFullDuplex": rc.EnableFullDuplex(),
+		} {
+			if err != nil {
+				t.Errorf("%s through the wrapper: %v", name, err)
+			}
+		}
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL)
+}
+
+func TestHijackedConnectionStillRunsTasks(t *testing.T) {
+	ran := make(chan struct{})
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { close(ran); return nil })
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Errorf("Hijack through the wrapper: %v", err)
+			return
+		}
+		defer conn.Close()
+		brw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nhijacked")
+		brw.Flush()
+	})
+	serverLog := new(logBuffer)
+	srv := httptest.NewUnstartedServer(h)
+	srv.Config.ErrorLog = log.New(serverLog, "", 0)
+	srv.Start()
+	defer srv.Close()
+
+	if body := get(t, srv.Client(), srv.URL); body != "hijacked" {
+		t.Errorf("client read %q, want %q", body, "hijacked")
+	}
+	await(t, ran, "the task of a hijacking handler")
+	srv.Close()
+	if s := serverLog.buf.String(); s != "" {
+		t.Errorf("the wrapper wrote to the hijacked connection; net/http said: %s", s)
+	}
+}
+
+// --- 9. Bounded memory ---
+
+func TestUnsizedBodyStreamsPastBufferLimit(t *testing.T) {
+	testHandlerIsNotHeldBack(t, func(w http.ResponseWriter) {
+		chunk := make([]byte, 1<<10)
+		for n := 0; n <= bufferLimit; n += len(chunk) {
+			w.Write(chunk)
+		}
+	})
+}
+
+func TestSizedBodyIsNeverHeldBack(t *testing.T) {
+	testHandlerIsNotHeldBack(t, func(w http.ResponseWriter) {
+		w.Header().Set("Content-Length", fmt.Sprint(1<<20))
+		w.Write(make([]byte, 16<<10))
+	})
+}
+
+// testHandlerIsNotHeldBack checks that what write writes reaches the client
+// while the handler is still running.
+func testHandlerIsNotHeldBack(t *testing.T, write func(w http.ResponseWriter)) {
+	clientGot := make(chan struct{})
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		write(w)
+		await(t, clientGot, "the client to read the first byte")
+	})
+	srv := serve(t, h)
+	resp, err := srv.Client().Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if _, err := io.ReadFull(resp.Body, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	close(clientGot)
+}
+
+// --- 10. Shutdown ---
+
+// waitingContext tells when Shutdown starts to wait on it, which is when it
+// asks for Done.
+type waitingContext struct {
+	context.Context
+	once    sync.Once
+	waiting chan struct{}
+}
+
+func (c *waitingContext) Done() <-chan struct{} {
+	c.once.Do(func() { close(c.waiting) })
+	return c.Context.Done()
+}
+
+func TestShutdownWaitsForQueuedAndRunningTasks(t *testing.T) {
+	started, release := make(chan struct{}), make(chan struct{})
+	var done atomic.Int32
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error {
+			close(started)
+			<-release
+			done.Add(1)
+			return nil
+		})
+		addTask(r, func(context.Context) error { done.Add(1); return nil })
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL)
+	await(t, started, "the first task")
+
+	type result struct {
+		err  error
+		done int32 // tasks done when Shutdown returned
+	}
+	results := make(chan result, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), failSafe)
+	defer cancel()
+	wctx := &waitingContext{Context: ctx, waiting: make(chan struct{})}
+	go func() {
+		err := h.Shutdown(wctx)
+		results <- result{err, done.Load()}
+	}()
+	await(t, wctx.waiting, "Shutdown to wait")
+	close(release)
+	if got := await(t, results, "Shutdown"); got.err != nil || got.done != 2 {
+		t.Errorf("Shutdown returned %v with %d of 2 tasks done; want nil with both", got.err, got.done)
+	}
+}
+
+func TestShutdownDeadlineCancelsRunningAndDropsQueued(t *testing.T) {
+	started := make(chan context.Context)
+	release := make(chan struct{})
+	var secondRan atomic.Bool
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(ctx context.Context) error {
+			started <- ctx
+			<-release // ignores ctx: Shutdown must not wait for it
+			return nil
+		})
+		addTask(r, func(context.Context) error { secondRan.Store(true); return nil })
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL)
+	taskCtx := await(t, started, "the first task")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	errc := make(chan error, 1)
+	go func() { errc <- h.Shutdown(ctx) }()
+	if err := await(t, errc, "Shutdown to give up"); err != context.Canceled {
+		t.Errorf("Shutdown past its deadline = %v, want context.Canceled", err)
+	}
+	await(t, taskCtx.Done(), "the running task's context to be canceled")
+	if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["dropped"] != 1.0 {
+		t.Errorf("Shutdown logged %v; want a record of 1 dropped task", rec)
+	}
+
+	close(release)
+	shutdown(t, h)
+	if secondRan.Load() {
+		t.Error("a queued task started after Shutdown's deadline")
+	}
+}
+
+func TestTaskAddedAfterShutdownDeadlineIsDroppedWithLog(t *testing.T) {
+	var ran atomic.Bool
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/late" {
+			addTask(r, func(context.Context) error { ran.Store(true); return nil })
+			return
+		}
+		addTask(r, func(ctx context.Context) error { <-ctx.Done(); return nil })
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL+"/keeps-shutdown-waiting")
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := h.Shutdown(ctx); err != context.Canceled {
+		t.Fatalf("Shutdown = %v, want context.Canceled", err)
+	}
+
+	get(t, srv.Client(), srv.URL+"/late")
+	shutdown(t, h)
+	if ran.Load() {
+		t.Error("a task added after Shutdown's deadline ran")
+	}
+	if rec := logs.find(t, "task dropped"); rec == nil || rec["path"] != "/late" {
+		t.Errorf("dropped task logged as %v; want a record naming /late", rec)
+	}
+}
+
+func TestShutdownIsSafeConcurrentlyAndRepeatedly(t *testing.T) {
+	const requests = 100
+	var ran atomic.Int32
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { ran.Add(1); return nil })
+	})
+	shutdown(t, h) // nothing to wait for yet
+	srv := serve(t, h)
+
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for i := 0; i < 3; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+					shutdown(t, h)
+				}
+			}
+		}()
+	}
+	var clients sync.WaitGroup
+	for i := 0; i < 8; i++ {
+		clients.Add(1)
+		go func() {
+			defer clients.Done()
+			for j := 0; j < requests/8; j++ {
+				get(t, srv.Client(), srv.URL)
+			}
+		}()
+	}
+	clients.Wait()
+	close(stop)
+	wg.Wait()
+	shutdown(t, h)
+	if got, want := ran.Load(), int32(requests/8*8); got != want {
+		t.Errorf("%d tasks ran, want %d", got, want)
+	}
+}
+
+// --- 11. Concurrency ---
+
+func TestEveryTaskRunsExactlyOnceUnderConcurrentRequests(t *testing.T) {
+	const (
+		requests   = 300
+		goroutines = 4 // per request, each adding tasksEach tasks
+		tasksEach  = 2
+		clients    = 16
+	)
+	var runs [requests][goroutines * tasksEach]atomic.Int32
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		var id int
+		fmt.Sscan(r.URL.Query().Get("id"), &id)
+		tasks := background.FromContext(r.Context())
+		var wg sync.WaitGroup
+		for g := 0; g < goroutines; g++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for k := 0; k < tasksEach; k++ {
+					slot := &runs[id][g*tasksEach+k]
+					tasks.Add(func(context.Context) error { slot.Add(1); return nil })
+				}
+			}()
+		}
+		wg.Wait()
+	})
+	srv := serve(t, h)
+	ids := make(chan int, requests)
+	for id := 0; id < requests; id++ {
+		ids <- id
+	}
+	close(ids)
+	var wg sync.WaitGroup
+	for c := 0; c < clients; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for id := range ids {
+				get(t, srv.Client(), fmt.Sprintf("%s/?id=%d", srv.URL, id))
+			}
+		}()
+	}
+	wg.Wait()
+	shutdown(t, h)
+	for id := range runs {
+		for k := range runs[id] {
+			if n := runs[id][k].Load(); n != 1 {
+				t.Errorf("request %d task %d ran %d times, want once", id, k, n)
+			}
+		}
+	}
+}
+
+// --- Fuzzing ---
+
+// runOps plays ops as a handler's calls on w. Each byte is one call: its low
+// two bits choose which, the rest its argument.
+func runOps(w http.ResponseWriter, ops []byte) {
+	headers := [][2]string{
+		{"X-A", "1"}, {"X-B", "2"}, {"Content-Type", "text/plain"},
+		{"Content-Length", "5"}, {"Trailer", "X-T"}, {"X-T", "t"},
+	}
+	codes := []int{200, 201, 204, 304, 404, 500, 103}
+	sizes := []int{0, 1, 5, 100, 3000, 70000}
+
+	// Calling Header before WriteHeader makes net/http follow its documented
+	// rule that later header changes are ignored. Without the call, it honours
+	// them until the header goes out, which the wrapper does not copy.
+	h := w.Header()
+	for _, op := range ops {
+		arg := int(op >> 2)
+		switch op & 3 {
+		case 0:
+			kv := headers[arg%len(headers)]
+			h.Set(kv[0], kv[1])
+		case 1:
+			w.WriteHeader(codes[arg%len(codes)])
+		case 2:
+			w.Write(bytes.Repeat([]byte{'a' + byte(arg%26)}, sizes[arg%len(sizes)]))
+		case 3:
+			http.NewResponseController(w).Flush()
+		}
+	}
+}
+
+func FuzzTransparent(f *testing.F) {
+	const (
+		set, status, write, flush = 0, 1, 2, 3
+	)
+	op := func(kind, arg int) byte { return byte(arg<<2 | kind) }
+	seeds := [][]byte{
+		{},
+		{op(write, 3)},
+		{op(set, 2), op(write, 3), op(write, 3)},
+		{op(status, 1), op(set, 0), op(write, 4)},
+		{op(set, 0), op(status, 2), op(write, 1)},
+		{op(status, 3), op(write, 1)},
+		{op(status, 6), op(set, 1), op(status, 4), op(write, 2)},
+		{op(set, 3), op(write, 2)},
+		{op(set, 3), op(write, 3)},
+		{op(write, 4), op(flush, 0), op(write, 4)},
+		{op(write, 5), op(write, 5)},
+		{op(set, 4), op(write, 3), op(set, 5)},
+		{op(write, 3), op(set, 3), op(flush, 0)},
+	}
+	for _, s := range seeds {
+		f.Add(false, s)
+		f.Add(true, s)
+	}
+	handler := func(w http.ResponseWriter, r *http.Request) {
+		ops, _ := hex.DecodeString(r.URL.Query().Get("ops"))
+		runOps(w, ops)
+	}
+	quiet := log.New(io.Discard, "", 0) // net/http complains of the odd sequences, rightly
+	bare := httptest.NewUnstartedServer(http.HandlerFunc(handler))
+	bare.Config.ErrorLog = quiet
+	bare.Start()
+	defer bare.Close()
+	h := background.NewHandler(http.HandlerFunc(handler))
+	h.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	wrapped := httptest.NewUnstartedServer(h)
+	wrapped.Config.ErrorLog = quiet
+	wrapped.Start()
+	defer wrapped.Close()
+	bare.Client().Timeout, wrapped.Client().Timeout = failSafe, failSafe
+
+	f.Fuzz(func(t *testing.T, head bool, ops []byte) {
+		if len(ops) > 32 {
+			t.Skip("long sequences add nothing but time")
+		}
+		method := "GET"
+		if head {
+			method = "HEAD"
+		}
+		compare(t, bare, wrapped, method, "/?ops="+hex.EncodeToString(ops))
+	})
+}
+
+// --- Benchmarks ---
+
+// discardWriter is a minimal http.ResponseWriter, so that benchmarks measure
+// the handlers rather than a recorder.
+type discardWriter struct{ header http.Header }
+
+func (w *discardWriter) Header() http.Header         { return w.header }
+func (w *discardWriter) Write(p []byte) (int, error) { return len(p), nil }
+func (w *discardWriter) WriteHeader(int)             {}
+func (w *discardWriter) Flush()                      {}
+
+func benchmarkServe(b *testing.B, h http.Handler) {
+	req := httptest.NewRequest("POST", "/send-notification/test@example.com", nil)
+	w := &discardWriter{header: make(http.Header)}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		clear(w.header)
+		h.ServeHTTP(w, req)
+	}
+	b.StopTimer()
+	if h, ok := h.(*background.Handler); ok {
+		h.Shutdown(context.Background())
+	}
+}
+
+func BenchmarkHandler(b *testing.B) {
+	reply := []byte(`{"message":"Notification sent successfully!"}` + "\n")
+	respond := func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(reply)
+	}
+	withTask := func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { return nil })
+		respond(w, r)
+	}
+	b.Run("bare", func(b *testing.B) { benchmarkServe(b, http.HandlerFunc(respond)) })
+	b.Run("wrapped", func(b *testing.B) { benchmarkServe(b, background.NewHandler(http.HandlerFunc(respond))) })
+	b.Run("wrapped+task", func(b *testing.B) { benchmarkServe(b, background.NewHandler(http.HandlerFunc(withTask))) })
+}
+
+// BenchmarkUnsizedBody writes 10 MB without a Content-Length: the wrapper may
+// hold back at most 64 KiB of it, so its B/op stays within that of bare's.
+func BenchmarkUnsizedBody(b *testing.B) {
+	chunk := make([]byte, 32<<10)
+	write := func(w http.ResponseWriter, r *http.Request) {
+		for n := 0; n < 10<<20; n += len(chunk) {
+			w.Write(chunk)
+		}
+	}
+	b.Run("bare", func(b *testing.B) { benchmarkServe(b, http.HandlerFunc(write)) })
+	b.Run("wrapped", func(b *testing.B) { benchmarkServe(b, background.NewHandler(http.HandlerFunc(write))) })
+}
