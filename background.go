@@ -58,8 +58,8 @@ func FromContext(ctx context.Context) *Tasks {
 // [Handler.Shutdown] stops waiting.
 //
 // A task's error, or its panic with the stack, is logged with the request's
-// method and path, and the request's remaining tasks still run. Starlette
-// differs here on purpose: there, the first exception skips the rest.
+// method and path, and the request's remaining tasks still run. This differs
+// from Starlette on purpose: there, the first exception skips the rest.
 //
 // Add after the request's tasks have all finished still runs task, at once,
 // and Shutdown waits for it. A task added after the handler panicked, or after

@@ -123,6 +123,12 @@ func (l *logBuffer) Write(p []byte) (int, error) {
 	return l.buf.Write(p)
 }
 
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
 // records returns the records logged so far, decoded.
 func (l *logBuffer) records(t *testing.T) []map[string]any {
 	t.Helper()
@@ -176,8 +182,14 @@ func shutdown(t *testing.T, h *background.Handler) {
 // Its error log goes to the test log.
 func serve(t *testing.T, h http.Handler) *httptest.Server {
 	t.Helper()
+	return serveLogging(t, h, testWriter{t})
+}
+
+// serveLogging is serve with net/http's error log going to errorLog.
+func serveLogging(t *testing.T, h http.Handler, errorLog io.Writer) *httptest.Server {
+	t.Helper()
 	srv := httptest.NewUnstartedServer(h)
-	srv.Config.ErrorLog = log.New(testWriter{t}, "server: ", 0)
+	srv.Config.ErrorLog = log.New(errorLog, "server: ", 0)
 	srv.Start()
 	t.Cleanup(srv.Close)
 	srv.Client().Timeout = failSafe
@@ -317,6 +329,7 @@ func TestResponseIsCompleteOnTheWireBeforeTaskStarts(t *testing.T) {
 			srv.Listener = wire
 			srv.Start()
 			defer srv.Close()
+			srv.Client().Timeout = failSafe
 
 			req, _ := http.NewRequest(tc.method, srv.URL, nil)
 			resp, err := srv.Client().Do(req)
@@ -579,10 +592,7 @@ func TestPanickingHandlerRunsNoTasks(t *testing.T) {
 		panic("handler blew up")
 	})
 	serverLog := new(logBuffer)
-	srv := httptest.NewUnstartedServer(h)
-	srv.Config.ErrorLog = log.New(serverLog, "", 0)
-	srv.Start()
-	defer srv.Close()
+	srv := serveLogging(t, h, serverLog)
 
 	if resp, err := srv.Client().Get(srv.URL); err == nil {
 		resp.Body.Close()
@@ -596,8 +606,8 @@ func TestPanickingHandlerRunsNoTasks(t *testing.T) {
 		t.Errorf("dropped tasks logged as %v; want a count of 1", rec)
 	}
 	srv.Close() // wait for net/http to have logged the panic
-	if !strings.Contains(serverLog.buf.String(), "handler blew up") {
-		t.Errorf("net/http did not log the panic; its log: %q", serverLog.buf.String())
+	if !strings.Contains(serverLog.String(), "handler blew up") {
+		t.Errorf("net/http did not log the panic; its log: %q", serverLog.String())
 	}
 }
 
@@ -920,17 +930,14 @@ func TestHijackedConnectionStillRunsTasks(t *testing.T) {
 		brw.Flush()
 	})
 	serverLog := new(logBuffer)
-	srv := httptest.NewUnstartedServer(h)
-	srv.Config.ErrorLog = log.New(serverLog, "", 0)
-	srv.Start()
-	defer srv.Close()
+	srv := serveLogging(t, h, serverLog)
 
 	if body := get(t, srv.Client(), srv.URL); body != "hijacked" {
 		t.Errorf("client read %q, want %q", body, "hijacked")
 	}
 	await(t, ran, "the task of a hijacking handler")
 	srv.Close()
-	if s := serverLog.buf.String(); s != "" {
+	if s := serverLog.String(); s != "" {
 		t.Errorf("the wrapper wrote to the hijacked connection; net/http said: %s", s)
 	}
 }
