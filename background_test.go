@@ -203,37 +203,59 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// get sends a GET to url with c and returns the whole body.
+// get sends a GET to url with c and returns the whole body of its 200 response.
+// It stops the test on failure, so call it only from the test's goroutine.
 func get(t *testing.T, c *http.Client, url string) string {
 	t.Helper()
-	resp, err := c.Get(url)
+	body, err := tryGet(c, url)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return body
+}
+
+// tryGet is get for any goroutine.
+func tryGet(c *http.Client, url string) (string, error) {
+	resp, err := c.Get(url)
+	if err != nil {
+		return "", err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
 	if err != nil {
-		t.Fatal(err)
+		return "", err
 	}
 	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET %s: %s", url, resp.Status)
+		return "", fmt.Errorf("GET %s: %s", url, resp.Status)
 	}
-	return string(body)
+	return string(body), nil
 }
 
-// await waits for ch to be closed or to deliver, failing the test after failSafe.
+// await waits for ch to be closed or to deliver, and stops the test after
+// failSafe. Call it only from the test's goroutine.
 func await[T any](t *testing.T, ch <-chan T, what string) T {
 	t.Helper()
+	v, ok := receive(ch)
+	if !ok {
+		t.Fatalf("timed out waiting for %s", what)
+	}
+	return v
+}
+
+// receive is await for any goroutine, such as a handler's: it reports
+// whether ch delivered within failSafe.
+func receive[T any](ch <-chan T) (T, bool) {
 	select {
 	case v := <-ch:
-		return v
+		return v, true
 	case <-time.After(failSafe):
-		t.Fatalf("timed out waiting for %s", what)
-		panic("unreachable")
+		var zero T
+		return zero, false
 	}
 }
 
-// addTask adds task to r's request, failing the handler if r is not wrapped.
+// addTask adds task to r's request; it panics if r is not served through a
+// Handler.
 func addTask(r *http.Request, task func(ctx context.Context) error) {
 	background.FromContext(r.Context()).Add(task)
 }
@@ -324,7 +346,9 @@ func TestResponseIsCompleteOnTheWireBeforeTaskStarts(t *testing.T) {
 			// itself sent can be on the wire.
 			srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				h.ServeHTTP(w, r)
-				onWire <- await(t, looked, "the task to look at the wire")
+				if err, ok := receive(looked); ok {
+					onWire <- err
+				}
 			}))
 			srv.Listener = wire
 			srv.Start()
@@ -877,7 +901,9 @@ func TestFlushSendsEachChunkBeforeHandlerGoesOn(t *testing.T) {
 				if err := flush(w); err != nil {
 					t.Errorf("Flush: %v", err)
 				}
-				await(t, clientGot, "the client to read the flushed chunk")
+				if _, ok := receive(clientGot); !ok {
+					t.Error("timed out waiting for the client to read the flushed chunk")
+				}
 				io.WriteString(w, "second")
 			})
 			srv := serve(t, h)
@@ -966,7 +992,9 @@ func testHandlerIsNotHeldBack(t *testing.T, write func(w http.ResponseWriter)) {
 	clientGot := make(chan struct{})
 	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		write(w)
-		await(t, clientGot, "the client to read the first byte")
+		if _, ok := receive(clientGot); !ok {
+			t.Error("timed out waiting for the client to read the first byte")
+		}
 	})
 	srv := serve(t, h)
 	resp, err := srv.Client().Get(srv.URL)
@@ -1123,7 +1151,9 @@ func TestShutdownIsSafeConcurrentlyAndRepeatedly(t *testing.T) {
 		go func() {
 			defer clients.Done()
 			for j := 0; j < requests/8; j++ {
-				get(t, srv.Client(), srv.URL)
+				if _, err := tryGet(srv.Client(), srv.URL); err != nil {
+					t.Error(err)
+				}
 			}
 		}()
 	}
@@ -1175,7 +1205,9 @@ func TestEveryTaskRunsExactlyOnceUnderConcurrentRequests(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for id := range ids {
-				get(t, srv.Client(), fmt.Sprintf("%s/?id=%d", srv.URL, id))
+				if _, err := tryGet(srv.Client(), fmt.Sprintf("%s/?id=%d", srv.URL, id)); err != nil {
+					t.Error(err)
+				}
 			}
 		}()
 	}
