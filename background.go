@@ -108,7 +108,7 @@ func (h *Handler) add(q *queue, t queuedTask) {
 	}
 	h.mu.Unlock()
 	if dropped != "" {
-		h.logger().Warn("background: task dropped", "reason", dropped, "method", q.method, "path", q.path)
+		h.logDropped(q, 1, dropped)
 	}
 }
 
@@ -172,7 +172,11 @@ func (h *Handler) runTask(q *queue, t queuedTask) {
 // before any task starts.
 type taskContext struct {
 	context.Context                 // the Handler's: Deadline, Done and Err
-	values          context.Context // the request's, without its cancellation
+	values          context.Context // the request's, through WithoutCancel
 }
+
+// Value looks key up in the request's context. That context went through
+// WithoutCancel, so that its cancellation cannot leak out through Value
+// either: context.Cause, for one, looks there.
 
 func (c taskContext) Value(key any) any { return c.values.Value(key) }

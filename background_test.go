@@ -1115,7 +1115,7 @@ func TestTaskAddedAfterShutdownDeadlineIsDroppedWithLog(t *testing.T) {
 	if ran.Load() {
 		t.Error("a task added after Shutdown's deadline ran")
 	}
-	if rec := logs.find(t, "task dropped"); rec == nil || rec["path"] != "/late" {
+	if rec := logs.find(t, "tasks dropped"); rec == nil || rec["path"] != "/late" {
 		t.Errorf("dropped task logged as %v; want a record naming /late", rec)
 	}
 }

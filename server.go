@@ -86,8 +86,13 @@ func (h *Handler) discard(q *queue) {
 	h.track(q)
 	h.mu.Unlock()
 	if n > 0 {
-		h.logger().Warn("background: handler panicked; its tasks are dropped", "count", n, "method", q.method, "path", q.path)
+		h.logDropped(q, n, "the handler panicked")
 	}
+}
+
+// logDropped logs that n of q's tasks will never run, and why.
+func (h *Handler) logDropped(q *queue, n int, reason string) {
+	h.logger().Warn("background: tasks dropped", "count", n, "reason", reason, "method", q.method, "path", q.path)
 }
 
 // Shutdown waits for every queued and running task, including those that
@@ -136,7 +141,7 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 		h.track(q)
 	}
 	h.mu.Unlock()
-	h.logger().Error("background: shutdown deadline passed; running tasks canceled, queued tasks dropped",
+	h.logger().Error("background: shutdown deadline passed; running tasks canceled, queued ones dropped",
 		"dropped", dropped, "running", running)
 	return ctx.Err()
 }
