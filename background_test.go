@@ -186,7 +186,7 @@ func serve(t *testing.T, h http.Handler) *httptest.Server {
 }
 
 // serveLogging is serve with net/http's error log going to errorLog.
-func serveLogging(t *testing.T, h http.Handler, errorLog io.Writer) *httptest.Server {
+func serveLogging(t testing.TB, h http.Handler, errorLog io.Writer) *httptest.Server {
 	t.Helper()
 	srv := httptest.NewUnstartedServer(h)
 	srv.Config.ErrorLog = log.New(errorLog, "server: ", 0)
@@ -252,6 +252,22 @@ func receive[T any](ch <-chan T) (T, bool) {
 		var zero T
 		return zero, false
 	}
+}
+
+// expired returns a context that has already ended: given to Shutdown, it
+// means "do not wait at all".
+func expired() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}
+
+// panicOf serves one request with h, in the test's goroutine, and returns
+// what it panicked with, or nil.
+func panicOf(h http.Handler) (v any) {
+	defer func() { v = recover() }()
+	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
+	return nil
 }
 
 // addTask adds task to r's request; it panics if r is not served through a
@@ -565,9 +581,7 @@ func TestTaskContextHasValuesButOnlyShutdownCancelsIt(t *testing.T) {
 		t.Errorf("after the request ended, the task's ctx has Err %v, deadline %v; want neither", got.err, got.hasDeadline)
 	}
 
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	h.Shutdown(ctx)
+	h.Shutdown(expired())
 	if cause := await(t, causes, "the task's ctx to be canceled"); cause != context.Canceled {
 		t.Errorf("canceled by Shutdown, the task's ctx has cause %v, want context.Canceled", cause)
 	}
@@ -638,12 +652,7 @@ func TestPanickingHandlerRunsNoTasks(t *testing.T) {
 func TestHandlerPanicPropagatesUnchanged(t *testing.T) {
 	for _, value := range []any{"handler blew up", http.ErrAbortHandler} {
 		h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) { panic(value) })
-		got := func() (v any) {
-			defer func() { v = recover() }()
-			h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
-			return nil
-		}()
-		if got != value {
+		if got := panicOf(h); got != value {
 			t.Errorf("panic(%v) reached the caller as %v", value, got)
 		}
 	}
@@ -669,12 +678,9 @@ func TestAddWithoutNewHandlerPanicsSayingSo(t *testing.T) {
 
 func TestAddNilTaskPanics(t *testing.T) {
 	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) { addTask(r, nil) })
-	defer func() {
-		if v := recover(); !strings.Contains(fmt.Sprint(v), "nil task") {
-			t.Errorf("Add(nil) panicked with %v; want a message saying the task is nil", v)
-		}
-	}()
-	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
+	if v := panicOf(h); !strings.Contains(fmt.Sprint(v), "nil task") {
+		t.Errorf("Add(nil) panicked with %v; want a message saying the task is nil", v)
+	}
 }
 
 func TestAddAfterTasksFinishedRunsAndShutdownWaitsForIt(t *testing.T) {
@@ -698,9 +704,7 @@ func TestAddAfterTasksFinishedRunsAndShutdownWaitsForIt(t *testing.T) {
 
 	// Shutdown must count the late task: with no time to wait, it reports
 	// the task still running, and cancels it.
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	if err := h.Shutdown(ctx); err != context.Canceled {
+	if err := h.Shutdown(expired()); err != context.Canceled {
 		t.Fatalf("Shutdown with a task running = %v, want context.Canceled", err)
 	}
 	await(t, taskCtx.Done(), "the late task's context to be canceled")
@@ -880,12 +884,9 @@ func TestInvalidStatusPanicsInHandler(t *testing.T) {
 		w.WriteHeader(1000)
 		t.Error("WriteHeader(1000) returned; net/http panics there")
 	})
-	defer func() {
-		if v := recover(); !strings.Contains(fmt.Sprint(v), "invalid WriteHeader code") {
-			t.Errorf("WriteHeader(1000) panicked with %v, want net/http's message", v)
-		}
-	}()
-	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
+	if v := panicOf(h); !strings.Contains(fmt.Sprint(v), "invalid WriteHeader code") {
+		t.Errorf("WriteHeader(1000) panicked with %v, want net/http's message", v)
+	}
 }
 
 func TestFlushSendsEachChunkBeforeHandlerGoesOn(t *testing.T) {
@@ -1074,10 +1075,8 @@ func TestShutdownDeadlineCancelsRunningAndDropsQueued(t *testing.T) {
 	get(t, srv.Client(), srv.URL)
 	taskCtx := await(t, started, "the first task")
 
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
 	errc := make(chan error, 1)
-	go func() { errc <- h.Shutdown(ctx) }()
+	go func() { errc <- h.Shutdown(expired()) }()
 	if err := await(t, errc, "Shutdown to give up"); err != context.Canceled {
 		t.Errorf("Shutdown past its deadline = %v, want context.Canceled", err)
 	}
@@ -1104,9 +1103,7 @@ func TestTaskAddedAfterShutdownDeadlineIsDroppedWithLog(t *testing.T) {
 	})
 	srv := serve(t, h)
 	get(t, srv.Client(), srv.URL+"/keeps-shutdown-waiting")
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	if err := h.Shutdown(ctx); err != context.Canceled {
+	if err := h.Shutdown(expired()); err != context.Canceled {
 		t.Fatalf("Shutdown = %v, want context.Canceled", err)
 	}
 
@@ -1121,7 +1118,7 @@ func TestTaskAddedAfterShutdownDeadlineIsDroppedWithLog(t *testing.T) {
 }
 
 func TestShutdownIsSafeConcurrentlyAndRepeatedly(t *testing.T) {
-	const requests = 100
+	const clients, requestsEach = 8, 12
 	var ran atomic.Int32
 	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		addTask(r, func(context.Context) error { ran.Add(1); return nil })
@@ -1145,23 +1142,23 @@ func TestShutdownIsSafeConcurrentlyAndRepeatedly(t *testing.T) {
 			}
 		}()
 	}
-	var clients sync.WaitGroup
-	for i := 0; i < 8; i++ {
-		clients.Add(1)
+	var clientsDone sync.WaitGroup
+	for i := 0; i < clients; i++ {
+		clientsDone.Add(1)
 		go func() {
-			defer clients.Done()
-			for j := 0; j < requests/8; j++ {
+			defer clientsDone.Done()
+			for j := 0; j < requestsEach; j++ {
 				if _, err := tryGet(srv.Client(), srv.URL); err != nil {
 					t.Error(err)
 				}
 			}
 		}()
 	}
-	clients.Wait()
+	clientsDone.Wait()
 	close(stop)
 	wg.Wait()
 	shutdown(t, h)
-	if got, want := ran.Load(), int32(requests/8*8); got != want {
+	if got, want := ran.Load(), int32(clients*requestsEach); got != want {
 		t.Errorf("%d tasks ran, want %d", got, want)
 	}
 }
@@ -1282,18 +1279,11 @@ func FuzzTransparent(f *testing.F) {
 		ops, _ := hex.DecodeString(r.URL.Query().Get("ops"))
 		runOps(w, ops)
 	}
-	quiet := log.New(io.Discard, "", 0) // net/http complains of the odd sequences, rightly
-	bare := httptest.NewUnstartedServer(http.HandlerFunc(handler))
-	bare.Config.ErrorLog = quiet
-	bare.Start()
-	defer bare.Close()
+	// net/http rightly complains of the odd sequences: keep that quiet.
+	bare := serveLogging(f, http.HandlerFunc(handler), io.Discard)
 	h := background.NewHandler(http.HandlerFunc(handler))
 	h.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-	wrapped := httptest.NewUnstartedServer(h)
-	wrapped.Config.ErrorLog = quiet
-	wrapped.Start()
-	defer wrapped.Close()
-	bare.Client().Timeout, wrapped.Client().Timeout = failSafe, failSafe
+	wrapped := serveLogging(f, h, io.Discard)
 
 	f.Fuzz(func(t *testing.T, head bool, ops []byte) {
 		if len(ops) > 32 {
@@ -1349,7 +1339,7 @@ func BenchmarkHandler(b *testing.B) {
 }
 
 // BenchmarkUnsizedBody writes 10 MB without a Content-Length: the wrapper may
-// hold back at most 64 KiB of it, so its B/op stays within that of bare's.
+// hold back at most 64 KiB of it, so its B/op stays within 64 KiB of bare's.
 func BenchmarkUnsizedBody(b *testing.B) {
 	chunk := make([]byte, 32<<10)
 	write := func(w http.ResponseWriter, r *http.Request) {
