@@ -1,0 +1,467 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"example.com/background"
+)
+
+// failSafe bounds every wait in these tests. Nothing should take more than a
+// fraction of it; it only stops a broken build from hanging.
+const failSafe = 30 * time.Second
+
+// --- The handler, through httptest ---
+
+// app is the program's handler with its log file in a temporary directory.
+type app struct {
+	tasks   *background.Handler
+	logPath string
+	stdout  *syncBuffer
+}
+
+func newApp(t *testing.T) *app {
+	a := &app{logPath: filepath.Join(t.TempDir(), "log.txt"), stdout: new(syncBuffer)}
+	a.tasks = background.NewHandler(routes(&notificationLog{path: a.logPath, stdout: a.stdout}, 0))
+	return a
+}
+
+func (a *app) do(method, target string) *httptest.ResponseRecorder {
+	rec := httptest.NewRecorder()
+	a.tasks.ServeHTTP(rec, httptest.NewRequest(method, target, nil))
+	return rec
+}
+
+// finish waits for every task the requests queued.
+func (a *app) finish(t *testing.T) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), failSafe)
+	defer cancel()
+	if err := a.tasks.Shutdown(ctx); err != nil {
+		t.Fatalf("tasks did not finish: %v", err)
+	}
+}
+
+// logged returns the log file's content, or "" if there is no file.
+func (a *app) logged(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(a.logPath)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestNotificationAnswersLikeTheTutorialAndLogsTheLine(t *testing.T) {
+	a := newApp(t)
+	rec := a.do("POST", "/send-notification/test@example.com")
+	if rec.Code != http.StatusOK {
+		t.Errorf("status = %d, want 200", rec.Code)
+	}
+	if ct := rec.Header().Get("Content-Type"); ct != "application/json" {
+		t.Errorf("Content-Type = %q, want application/json", ct)
+	}
+	if body := rec.Body.String(); body != `{"message":"Notification sent successfully!"}` {
+		t.Errorf("body = %q", body)
+	}
+	a.finish(t)
+	if got, want := a.logged(t), "Notification sent to: test@example.com\n"; got != want {
+		t.Errorf("log file = %q, want %q", got, want)
+	}
+	if got, want := a.stdout.String(), "Log written: Notification sent to: test@example.com\n"; got != want {
+		t.Errorf("stdout = %q, want %q", got, want)
+	}
+}
+
+func TestInvalidEmailGets422AndWritesNothing(t *testing.T) {
+	for _, tc := range []struct{ name, email, detail string }{
+		{"newline", "evil%0AFAKE%20LINE", "U+000A"},
+		{"carriage return", "evil@example.com%0D", "U+000D"},
+		{"NUL", "evil%00@example.com", "U+0000"},
+		{"line separator", "evil%E2%80%A8@example.com", "U+2028"},
+		{"display name", "Joe%20%3Cjoe@example.com%3E", "no name"},
+		{"angle brackets", "%3Cjoe@example.com%3E", "angle brackets"},
+		{"comment", "joe@example.com%20(Joe)", "comments"},
+		{"no at sign", "joe.example.com", "not a valid address"},
+		{"empty", "", "empty"},
+		{"over-long", strings.Repeat("a", 243) + "@example.com", "255 bytes"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := newApp(t)
+			rec := a.do("POST", "/send-notification/"+tc.email)
+			if rec.Code != http.StatusUnprocessableEntity {
+				t.Errorf("status = %d, want 422", rec.Code)
+			}
+			if ct := rec.Header().Get("Content-Type"); ct != "application/json" {
+				t.Errorf("Content-Type = %q, want application/json", ct)
+			}
+			if body := rec.Body.String(); !strings.HasPrefix(body, `{"detail":"email `) || !strings.Contains(body, tc.detail) {
+				t.Errorf("body = %s, want a detail that mentions %q", body, tc.detail)
+			}
+			a.finish(t)
+			if got := a.logged(t); got != "" {
+				t.Errorf("log file = %q, want nothing written", got)
+			}
+		})
+	}
+}
+
+func TestLongestValidEmailIsAccepted(t *testing.T) {
+	a := newApp(t)
+	email := strings.Repeat("a", 242) + "@example.com" // 254 bytes
+	if rec := a.do("POST", "/send-notification/"+email); rec.Code != http.StatusOK {
+		t.Fatalf("status = %d, want 200: %s", rec.Code, rec.Body)
+	}
+	a.finish(t)
+	if got, want := a.logged(t), "Notification sent to: "+email+"\n"; got != want {
+		t.Errorf("log file = %q, want %q", got, want)
+	}
+}
+
+func TestOtherMethodsGet405(t *testing.T) {
+	a := newApp(t)
+	for _, method := range []string{"GET", "PUT", "DELETE"} {
+		rec := a.do(method, "/send-notification/test@example.com")
+		if rec.Code != http.StatusMethodNotAllowed || rec.Header().Get("Allow") != "POST" {
+			t.Errorf("%s: status = %d, Allow = %q; want 405 and POST", method, rec.Code, rec.Header().Get("Allow"))
+		}
+	}
+	a.finish(t)
+	if got := a.logged(t); got != "" {
+		t.Errorf("log file = %q, want nothing written", got)
+	}
+}
+
+func TestConcurrentTasksWriteWholeLinesOnce(t *testing.T) {
+	a := newApp(t)
+	out := &overlapWriter{w: a.stdout}
+	a.tasks = background.NewHandler(routes(&notificationLog{path: a.logPath, stdout: out}, 0))
+	const n = 64
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			a.do("POST", fmt.Sprintf("/send-notification/user%02d@example.com", i))
+		}()
+	}
+	wg.Wait()
+	a.finish(t)
+
+	if out.overlapped.Load() {
+		t.Error("two appends echoed to stdout at the same time: appends are not serialized")
+	}
+	for name, text := range map[string]string{"log file": a.logged(t), "stdout": a.stdout.String()} {
+		lines := strings.Split(strings.TrimSuffix(text, "\n"), "\n")
+		seen := make(map[string]int)
+		for _, line := range lines {
+			seen[line]++
+		}
+		for i := 0; i < n; i++ {
+			line := fmt.Sprintf("Notification sent to: user%02d@example.com", i)
+			if name == "stdout" {
+				line = "Log written: " + line
+			}
+			if seen[line] != 1 {
+				t.Errorf("%s has %q %d times, want once", name, line, seen[line])
+			}
+		}
+		if len(lines) != n {
+			t.Errorf("%s has %d lines, want %d:\n%s", name, len(lines), n, text)
+		}
+	}
+}
+
+func TestDelayEndsWhenTaskContextIsCanceled(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // as Shutdown does when its deadline passes
+	done := make(chan error, 1)
+	go func() { done <- sleep(ctx, time.Hour) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("sleep = %v, want context.Canceled", err)
+		}
+	case <-time.After(failSafe):
+		t.Fatal("sleep went on after its context was canceled")
+	}
+}
+
+func TestUnwritableLogFileMakesTheTaskFail(t *testing.T) {
+	l := &notificationLog{path: filepath.Join(t.TempDir(), "missing", "log.txt"), stdout: io.Discard}
+	if err := l.append("Notification sent to: test@example.com"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("append = %v, want an error saying the file cannot be created", err)
+	}
+}
+
+func TestServerHasTimeouts(t *testing.T) {
+	srv := newServer(http.NotFoundHandler())
+	for name, d := range map[string]time.Duration{
+		"ReadHeaderTimeout": srv.ReadHeaderTimeout,
+		"ReadTimeout":       srv.ReadTimeout,
+		"WriteTimeout":      srv.WriteTimeout,
+		"IdleTimeout":       srv.IdleTimeout,
+	} {
+		if d <= 0 {
+			t.Errorf("%s is not set: a client could hold a connection forever", name)
+		}
+	}
+}
+
+// syncBuffer is a bytes.Buffer that tasks may write to concurrently.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// overlapWriter records whether two Writes were ever in progress at once.
+type overlapWriter struct {
+	w          io.Writer
+	writing    atomic.Int32
+	overlapped atomic.Bool
+}
+
+func (o *overlapWriter) Write(p []byte) (int, error) {
+	if o.writing.Add(1) > 1 {
+		o.overlapped.Store(true)
+	}
+	defer o.writing.Add(-1)
+	runtime.Gosched() // give another append the chance to overlap, were it allowed to
+	return o.w.Write(p)
+}
+
+// --- The program, end to end ---
+
+// process is a running notify binary.
+type process struct {
+	cmd    *exec.Cmd
+	dir    string      // its working directory
+	url    string      // where it listens
+	stdout chan string // its output, line by line
+	stderr chan string
+	exited chan struct{} // closed once it has exited and its output is read
+}
+
+// maxLines is more lines than any test reads from a process, so that its
+// output never blocks on a test that has stopped reading.
+const maxLines = 10000
+
+// start runs bin in a new temporary directory, on a free port, and waits
+// until it is listening.
+func start(t *testing.T, bin string, args ...string) *process {
+	t.Helper()
+	p := &process{
+		dir:    t.TempDir(),
+		stdout: make(chan string, maxLines),
+		stderr: make(chan string, maxLines),
+		exited: make(chan struct{}),
+	}
+	p.cmd = exec.Command(bin, append([]string{"-addr", "127.0.0.1:0"}, args...)...)
+	p.cmd.Dir = p.dir
+	p.cmd.Stdout = &lineWriter{lines: p.stdout}
+	p.cmd.Stderr = &lineWriter{lines: p.stderr}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		p.cmd.Wait() // returns once all output has gone through lineWriter
+		close(p.stdout)
+		close(p.stderr)
+		close(p.exited)
+	}()
+	t.Cleanup(func() {
+		p.cmd.Process.Kill() // if still running
+		<-p.exited
+	})
+
+	line := p.expect(t, p.stdout, "Listening on ")
+	addr, _, _ := strings.Cut(strings.TrimPrefix(line, "Listening on "), " ")
+	p.url = addr
+	return p
+}
+
+// expect reads lines from ch until one contains want, and returns it.
+func (p *process) expect(t *testing.T, ch <-chan string, want string) string {
+	t.Helper()
+	timeout := time.After(failSafe)
+	var seen []string
+	for {
+		select {
+		case line, ok := <-ch:
+			if !ok {
+				t.Fatalf("notify exited before printing %q; it printed %q", want, seen)
+			}
+			if strings.Contains(line, want) {
+				return line
+			}
+			seen = append(seen, line)
+		case <-timeout:
+			t.Fatalf("no line with %q; notify printed %q", want, seen)
+		}
+	}
+}
+
+// notify sends the tutorial's request and returns the response body.
+func (p *process) notify(t *testing.T, email string) string {
+	t.Helper()
+	c := &http.Client{Timeout: failSafe}
+	resp, err := c.Post(p.url+"/send-notification/"+email, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status = %d, want 200: %s", resp.StatusCode, body)
+	}
+	return string(body)
+}
+
+// stop sends sig and returns the exit code.
+func (p *process) stop(t *testing.T, sig os.Signal) int {
+	t.Helper()
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.exited:
+		return p.cmd.ProcessState.ExitCode()
+	case <-time.After(failSafe):
+		t.Fatalf("notify did not exit after %v", sig)
+		return -1
+	}
+}
+
+// logged returns the content of the log file in the process's directory.
+func (p *process) logged(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(p.dir, "log.txt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// lineWriter passes each whole line written to it on to lines.
+type lineWriter struct {
+	lines   chan<- string
+	partial []byte
+}
+
+func (w *lineWriter) Write(b []byte) (int, error) {
+	w.partial = append(w.partial, b...)
+	for {
+		i := bytes.IndexByte(w.partial, '\n')
+		if i < 0 {
+			return len(b), nil
+		}
+		w.lines <- string(w.partial[:i])
+		w.partial = w.partial[i+1:]
+	}
+}
+
+func TestProgramEndToEnd(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("sends SIGTERM")
+	}
+	bin := filepath.Join(t.TempDir(), "notify")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+
+	t.Run("curl flow writes the exact line", func(t *testing.T) {
+		p := start(t, bin)
+		if body := p.notify(t, "test@example.com"); body != `{"message":"Notification sent successfully!"}` {
+			t.Errorf("body = %q", body)
+		}
+		p.expect(t, p.stdout, "Log written: Notification sent to: test@example.com")
+		if got, want := p.logged(t), "Notification sent to: test@example.com\n"; got != want {
+			t.Errorf("log.txt = %q, want %q", got, want)
+		}
+		if code := p.stop(t, os.Interrupt); code != 0 {
+			t.Errorf("exit code after Ctrl-C = %d, want 0", code)
+		}
+	})
+
+	t.Run("response comes before a slow task, and SIGTERM waits for it", func(t *testing.T) {
+		p := start(t, bin, "-delay", "1s")
+		sent := time.Now()
+		p.notify(t, "slow@example.com")
+		answered := time.Since(sent)
+		if _, err := os.Stat(filepath.Join(p.dir, "log.txt")); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("log.txt exists (or %v) when the response arrives: the client waited for the task", err)
+		}
+		if code := p.stop(t, syscall.SIGTERM); code != 0 {
+			t.Errorf("exit code = %d, want 0", code)
+		}
+		t.Logf("response after %v, exit after %v", answered, time.Since(sent))
+		if got, want := p.logged(t), "Notification sent to: slow@example.com\n"; got != want {
+			t.Errorf("log.txt = %q, want %q", got, want)
+		}
+	})
+
+	t.Run("tasks cut off by the drain deadline make it exit 1", func(t *testing.T) {
+		p := start(t, bin, "-delay", "1h", "-drain", "100ms")
+		p.notify(t, "never@example.com")
+		if code := p.stop(t, syscall.SIGTERM); code != 1 {
+			t.Errorf("exit code = %d, want 1", code)
+		}
+		p.expect(t, p.stderr, "tasks still unfinished after 100ms")
+		if _, err := os.Stat(filepath.Join(p.dir, "log.txt")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("log.txt exists (or %v): the canceled task wrote its line", err)
+		}
+	})
+
+	t.Run("bad flags are refused", func(t *testing.T) {
+		for _, args := range [][]string{{"-delay", "-1s"}, {"-drain", "0s"}, {"-log", ""}, {"extra"}} {
+			ctx, cancel := context.WithTimeout(context.Background(), failSafe)
+			defer cancel()
+			out, err := exec.CommandContext(ctx, bin, append([]string{"-addr", "127.0.0.1:0"}, args...)...).CombinedOutput()
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() != 2 || !strings.HasPrefix(string(out), "notify: ") {
+				t.Errorf("notify %q: %v, output %q; want exit code 2 and a notify: line saying why", args, err, out)
+			}
+		}
+	})
+
+	t.Run("unwritable log file keeps the server answering", func(t *testing.T) {
+		p := start(t, bin, "-log", filepath.Join("missing", "log.txt"))
+		p.notify(t, "first@example.com")
+		p.expect(t, p.stderr, "background: task failed")
+		p.notify(t, "second@example.com")
+		p.expect(t, p.stderr, "background: task failed")
+		if code := p.stop(t, syscall.SIGTERM); code != 0 {
+			t.Errorf("exit code = %d, want 0: the failed tasks did finish", code)
+		}
+	})
+}
