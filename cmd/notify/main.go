@@ -5,8 +5,8 @@
 //	go run ./cmd/notify
 //	curl -X POST http://127.0.0.1:8000/send-notification/test@example.com
 //
-// Run it with -delay 2s to see that the client does not wait for the task.
-// On SIGINT or SIGTERM it stops taking requests, runs the tasks already
+// Run it with -delay 2s to see that the client does not wait for the task;
+// -h lists the flags. On SIGINT or SIGTERM it stops taking requests, runs the tasks already
 // queued, and exits 0 if they all finished in time.
 package main
 
@@ -104,8 +104,8 @@ func sendNotification(logFile *notificationLog, delay time.Duration) http.Handle
 	}
 }
 
-// sleep waits for d, or until ctx is canceled (shutdown's deadline has
-// passed), and then returns ctx.Err().
+// sleep waits for d and returns nil, or returns ctx.Err() if ctx is
+// canceled first, as it is when shutdown's deadline passes.
 func sleep(ctx context.Context, d time.Duration) error {
 	timer := time.NewTimer(d)
 	defer timer.Stop()
@@ -142,8 +142,8 @@ func checkEmail(email string) error {
 	return nil
 }
 
-// writeJSON sends {"key":"value"} as the response body, without the newline
-// that json.Encoder would add, as FastAPI does.
+// writeJSON sends {"key":"value"} as the response body. Like FastAPI, it
+// sends no trailing newline, which json.Encoder would add.
 func writeJSON(w http.ResponseWriter, status int, key, value string) {
 	body, _ := json.Marshal(map[string]string{key: value}) // strings always encode
 	w.Header().Set("Content-Type", "application/json")

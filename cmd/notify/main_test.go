@@ -32,12 +32,14 @@ const failSafe = 30 * time.Second
 type app struct {
 	tasks   *background.Handler
 	logPath string
-	stdout  *syncBuffer
+	stdout  syncBuffer    // what the tasks print
+	echo    overlapWriter // the tasks' stdout: passes writes on to stdout
 }
 
 func newApp(t *testing.T) *app {
-	a := &app{logPath: filepath.Join(t.TempDir(), "log.txt"), stdout: new(syncBuffer)}
-	a.tasks = background.NewHandler(routes(&notificationLog{path: a.logPath, stdout: a.stdout}, 0))
+	a := &app{logPath: filepath.Join(t.TempDir(), "log.txt")}
+	a.echo.w = &a.stdout
+	a.tasks = background.NewHandler(routes(&notificationLog{path: a.logPath, stdout: &a.echo}, 0))
 	return a
 }
 
@@ -149,8 +151,6 @@ func TestOtherMethodsGet405(t *testing.T) {
 
 func TestConcurrentTasksWriteWholeLinesOnce(t *testing.T) {
 	a := newApp(t)
-	out := &overlapWriter{w: a.stdout}
-	a.tasks = background.NewHandler(routes(&notificationLog{path: a.logPath, stdout: out}, 0))
 	const n = 64
 	var wg sync.WaitGroup
 	for i := 0; i < n; i++ {
@@ -163,7 +163,7 @@ func TestConcurrentTasksWriteWholeLinesOnce(t *testing.T) {
 	wg.Wait()
 	a.finish(t)
 
-	if out.overlapped.Load() {
+	if a.echo.overlapped.Load() {
 		t.Error("two appends echoed to stdout at the same time: appends are not serialized")
 	}
 	for name, text := range map[string]string{"log file": a.logged(t), "stdout": a.stdout.String()} {
