@@ -90,6 +90,32 @@ func TestNotificationAnswersLikeTheTutorialAndLogsTheLine(t *testing.T) {
 	}
 }
 
+func TestLogFileIsAppendedToNotReplaced(t *testing.T) {
+	a := newApp(t)
+	const earlier = "Notification sent to: earlier@example.com\n"
+	if err := os.WriteFile(a.logPath, []byte(earlier), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a.do("POST", "/send-notification/test@example.com")
+	a.finish(t)
+	if got, want := a.logged(t), earlier+"Notification sent to: test@example.com\n"; got != want {
+		t.Errorf("log file = %q, want %q", got, want)
+	}
+}
+
+func TestNewLogFileIsNotExecutableOrWritableByOthers(t *testing.T) {
+	a := newApp(t)
+	a.do("POST", "/send-notification/test@example.com")
+	a.finish(t)
+	info, err := os.Stat(a.logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if perm := info.Mode().Perm(); perm&^0o644 != 0 || perm&0o600 != 0o600 {
+		t.Errorf("log file mode = %v, want 0644 less the umask", perm)
+	}
+}
+
 func TestInvalidEmailGets422AndWritesNothing(t *testing.T) {
 	for _, tc := range []struct{ name, email, detail string }{
 		{"newline", "evil%0AFAKE%20LINE", "U+000A"},
@@ -439,6 +465,15 @@ func TestProgramEndToEnd(t *testing.T) {
 		p.expect(t, p.stderr, "tasks still unfinished after 100ms")
 		if _, err := os.Stat(filepath.Join(p.dir, "log.txt")); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("log.txt exists (or %v): the canceled task wrote its line", err)
+		}
+	})
+
+	t.Run("defaults are the documented ones", func(t *testing.T) {
+		out, _ := exec.Command(bin, "-h").CombinedOutput()
+		for _, want := range []string{`default "127.0.0.1:8000"`, `default "log.txt"`, "default 10s"} {
+			if !strings.Contains(string(out), want) {
+				t.Errorf("notify -h does not say %s:\n%s", want, out)
+			}
 		}
 	})
 
