@@ -17,6 +17,8 @@ import (
 	"net/http/httptrace"
 	"net/textproto"
 	"reflect"
+	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1350,3 +1352,118 @@ func BenchmarkUnsizedBody(b *testing.B) {
 	b.Run("bare", func(b *testing.B) { benchmarkServe(b, http.HandlerFunc(write)) })
 	b.Run("wrapped", func(b *testing.B) { benchmarkServe(b, background.NewHandler(http.HandlerFunc(write))) })
 }
+
+// BenchmarkLoopback serves the tutorial's reply over real keep-alive
+// connections on 127.0.0.1, four ways: bare (no task at all), with a
+// hand-rolled go statement per task, through background, and with the task
+// run inline after a Flush, the trap this package exists to avoid. Each
+// reports requests per second and the client's median and p99 latency, once
+// with a no-op task and once with a task that sleeps 200 ms.
+func BenchmarkLoopback(b *testing.B) {
+	reply := []byte(`{"message":"Notification sent successfully!"}`)
+	respond := func(w http.ResponseWriter) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(reply)
+	}
+	for _, task := range []struct {
+		name string
+		run  func()
+	}{
+		{"noop", func() {}},
+		{"sleep200ms", func() { time.Sleep(200 * time.Millisecond) }},
+	} {
+		var tasks sync.WaitGroup // the go statements' tasks
+		handlers := []struct {
+			name string
+			h    http.Handler
+		}{
+			{"bare", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				respond(w)
+			})},
+			{"go-statement", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				tasks.Add(1)
+				go func() {
+					defer tasks.Done()
+					task.run()
+				}()
+				respond(w)
+			})},
+			{"background", background.NewHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				background.FromContext(r.Context()).Add(func(context.Context) error {
+					task.run()
+					return nil
+				})
+				respond(w)
+			}))},
+			{"inline-after-flush", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				respond(w)
+				w.(http.Flusher).Flush()
+				task.run()
+			})},
+		}
+		for _, h := range handlers {
+			b.Run(task.name+"/"+h.name, func(b *testing.B) {
+				benchmarkLoopback(b, h.h)
+				b.StopTimer()
+				tasks.Wait()
+				if h, ok := h.h.(*background.Handler); ok {
+					h.Shutdown(context.Background())
+				}
+			})
+		}
+	}
+}
+
+// loopbackClients is how many keep-alive connections each processor drives.
+const loopbackClients = 8
+
+func benchmarkLoopback(b *testing.B, h http.Handler) {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: failSafe}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	go srv.Serve(ln)
+	defer srv.Close()
+	url := "http://" + ln.Addr().String() + "/send-notification/test@example.com"
+	transport := &http.Transport{MaxIdleConnsPerHost: loopbackClients * runtime.GOMAXPROCS(0)}
+	defer transport.CloseIdleConnections()
+	client := &http.Client{Transport: transport, Timeout: failSafe}
+
+	var mu sync.Mutex
+	var latencies []time.Duration
+	var failed atomic.Value // the first error, if any
+	b.SetParallelism(loopbackClients)
+	b.ResetTimer()
+	start := time.Now()
+	b.RunParallel(func(pb *testing.PB) {
+		var mine []time.Duration
+		for pb.Next() {
+			sent := time.Now()
+			resp, err := client.Post(url, "application/json", strings.NewReader(`{}`))
+			if err == nil {
+				_, err = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+			if err != nil {
+				failed.CompareAndSwap(nil, err)
+				return
+			}
+			mine = append(mine, time.Since(sent))
+		}
+		mu.Lock()
+		latencies = append(latencies, mine...)
+		mu.Unlock()
+	})
+	elapsed := time.Since(start)
+	b.StopTimer()
+	if err, _ := failed.Load().(error); err != nil {
+		b.Fatal(err)
+	}
+	slices.Sort(latencies)
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "req/s")
+	b.ReportMetric(ms(latencies[len(latencies)/2]), "p50-ms")
+	b.ReportMetric(ms(latencies[len(latencies)*99/100]), "p99-ms")
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
