@@ -81,10 +81,11 @@ type queue struct {
 	h            *Handler
 	method, path string // for log lines
 
-	tasks     []queuedTask // waiting to run, in order
-	responded bool         // the response has been sent, so tasks may start
-	running   bool         // a goroutine is running the tasks
-	discarded bool         // the handler panicked, so tasks are dropped
+	tasks     []queuedTask  // waiting to run, in order
+	first     [1]queuedTask // the memory for tasks, until a second task needs more
+	responded bool          // the response has been sent, so tasks may start
+	running   bool          // a goroutine is running the tasks
+	discarded bool          // the handler panicked, so tasks are dropped
 }
 
 type queuedTask struct {
@@ -102,6 +103,9 @@ func (h *Handler) add(q *queue, t queuedTask) {
 	case h.ctx.Err() != nil:
 		dropped = "Shutdown's deadline has passed"
 	default:
+		if q.tasks == nil {
+			q.tasks = q.first[:0] // most requests add one task: it needs no allocation
+		}
 		q.tasks = append(q.tasks, t)
 		h.track(q)
 		h.startLocked(q)

@@ -5,9 +5,9 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,7 +39,7 @@ type Handler struct {
 	next    http.Handler
 	ctx     context.Context    // the cancellation every task sees; ended by Shutdown
 	cancel  context.CancelFunc // ends ctx
-	buffers sync.Pool          // of *[]byte, for held-back bodies
+	writers sync.Pool          // of *responseWriter, reused from response to response
 
 	mu   sync.Mutex          // guards busy, idle and every queue's fields
 	busy map[*queue]struct{} // the queues that have tasks queued or running
@@ -61,7 +61,8 @@ func NewHandler(next http.Handler) *Handler {
 // panics, its tasks are discarded and the panic goes on up to net/http.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	q := &queue{h: h, method: r.Method, path: r.URL.Path}
-	rw := &responseWriter{rw: w, h: h, head: r.Method == http.MethodHead}
+	rw := h.newWriter(w, r.Method == http.MethodHead)
+	defer h.recycle(rw)
 	r2 := r.WithContext(context.WithValue(r.Context(), tasksKey{}, q))
 
 	responded := false
@@ -160,18 +161,25 @@ func (h *Handler) track(q *queue) {
 	}
 }
 
-// getBuffer and putBuffer recycle the buffers that hold bodies back, so that
-// a busy server does not allocate one per response.
-func (h *Handler) getBuffer() *[]byte {
-	if b, ok := h.buffers.Get().(*[]byte); ok {
-		return b
+// newWriter returns a responseWriter for one response. It reuses one that
+// an earlier response has finished with, if there is one, so that a busy
+// server allocates no writer, header snapshot or body buffer per response.
+func (h *Handler) newWriter(rw http.ResponseWriter, head bool) *responseWriter {
+	w, _ := h.writers.Get().(*responseWriter)
+	if w == nil {
+		w = &responseWriter{header: make(http.Header)}
 	}
-	return new([]byte)
+	w.rw, w.head = rw, head
+	return w
 }
 
-func (h *Handler) putBuffer(b *[]byte) {
-	*b = (*b)[:0]
-	h.buffers.Put(b)
+// recycle makes w ready for another response; the handler that had it has
+// returned, and must no longer use it.
+func (h *Handler) recycle(w *responseWriter) {
+	clear(w.header)
+	clear(w.values) // let go of the strings
+	*w = responseWriter{header: w.header, values: w.values[:0], body: w.body[:0]}
+	h.writers.Put(w)
 }
 
 func (h *Handler) logger() *slog.Logger {
@@ -199,12 +207,12 @@ const maxBuffered = 64 << 10
 // or trailers. So does any response once flushed or past maxBuffered bytes.
 type responseWriter struct {
 	rw   http.ResponseWriter
-	h    *Handler // whose buffers we use
-	head bool     // a HEAD request: net/http sends no body
+	head bool // a HEAD request: net/http sends no body
 
 	status   int         // the handler's status, or 0 before WriteHeader
 	header   http.Header // the headers as they were at WriteHeader, while held back
-	body     *[]byte     // the held-back body, from h.buffers; nil if none
+	values   []string    // the memory of header's values
+	body     []byte      // the held-back body
 	sent     bool        // status and headers have gone to rw, so writes pass through
 	hijacked bool        // the handler took the connection: write nothing more
 }
@@ -234,11 +242,17 @@ func (w *responseWriter) WriteHeader(code int) {
 	}
 	w.status = code
 	if !mayAddLength(code, w.rw.Header()) {
-		w.send()
+		w.sent = true
+		w.rw.WriteHeader(code)
 		return
 	}
 	// net/http sends the headers as they are now; later changes are ignored.
-	w.header = w.rw.Header().Clone()
+	// So keep a copy of them, in memory reused from earlier responses.
+	for k, vv := range w.rw.Header() {
+		n := len(w.values)
+		w.values = append(w.values, vv...)
+		w.header[k] = w.values[n:]
+	}
 }
 
 // mayAddLength reports whether a response may be sent with a Content-Length
@@ -273,53 +287,43 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	if w.sent {
 		return w.rw.Write(p)
 	}
-	if len(w.held())+len(p) > maxBuffered {
-		if err := w.send(); err != nil {
+	if len(w.body)+len(p) > maxBuffered {
+		if err := w.send(-1); err != nil {
 			return 0, err
 		}
 		return w.rw.Write(p)
 	}
-	if len(p) == 0 {
-		return 0, nil
-	}
-	if w.body == nil {
-		w.body = w.h.getBuffer()
-	}
-	*w.body = append(*w.body, p...)
+	w.body = append(w.body, p...)
 	return len(p), nil
 }
 
-// held returns the body held back so far.
-func (w *responseWriter) held() []byte {
-	if w.body == nil {
-		return nil
-	}
-	return *w.body
-}
-
-// send passes the held-back status, headers and body on to rw. From then on,
-// the response streams.
-func (w *responseWriter) send() error {
+// send passes the held-back status, headers and body on to rw, with a
+// Content-Length of length unless it is negative. From then on, the response
+// streams.
+func (w *responseWriter) send(length int) error {
 	w.sent = true
-	if w.header != nil {
-		// Undo header changes made since WriteHeader, which net/http would
-		// have ignored, but keep trailers, which it reads at the end.
-		h := w.rw.Header()
-		for k := range h {
-			if _, ok := w.header[k]; !ok && !strings.HasPrefix(k, http.TrailerPrefix) {
-				delete(h, k)
-			}
+	// Undo header changes made since WriteHeader, which net/http would have
+	// ignored, but keep trailers, which it reads at the end.
+	h := w.rw.Header()
+	for k := range h {
+		if _, ok := w.header[k]; !ok && !strings.HasPrefix(k, http.TrailerPrefix) {
+			delete(h, k)
 		}
-		maps.Copy(h, w.header)
-		w.header = nil
+	}
+	for k, vv := range w.header {
+		if !slices.Equal(h[k], vv) {
+			h[k] = slices.Clone(vv) // not vv itself: its memory goes on to later responses
+		}
+	}
+	if length >= 0 {
+		h.Set("Content-Length", strconv.Itoa(length))
 	}
 	w.rw.WriteHeader(w.status)
-	if w.body == nil {
+	if len(w.body) == 0 {
 		return nil
 	}
-	_, err := w.rw.Write(*w.body)
-	w.h.putBuffer(w.body)
-	w.body = nil
+	_, err := w.rw.Write(w.body)
+	w.body = w.body[:0]
 	return err
 }
 
@@ -331,7 +335,7 @@ func (w *responseWriter) FlushError() error {
 		w.WriteHeader(http.StatusOK)
 	}
 	if !w.sent {
-		if err := w.send(); err != nil {
+		if err := w.send(-1); err != nil {
 			return err
 		}
 	}
@@ -346,7 +350,7 @@ func (w *responseWriter) Flush() { w.FlushError() }
 // Hijack, rather than leaving it to Unwrap, to know to write nothing after.
 func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if w.status != 0 && !w.sent {
-		w.send()
+		w.send(-1)
 	}
 	conn, brw, err := http.NewResponseController(w.rw).Hijack()
 	w.hijacked = err == nil
@@ -371,11 +375,11 @@ func (w *responseWriter) finish() {
 		// Like net/http, give a HEAD response a length only if the handler
 		// wrote a body: an empty one may just mean it skipped the body.
 		// Trailers set since WriteHeader need a chunked body: no length.
-		n := len(w.held())
-		if (n > 0 || !w.head) && !hasTrailers(w.rw.Header()) {
-			w.header.Set("Content-Length", strconv.Itoa(n))
+		length := len(w.body)
+		if (length == 0 && w.head) || hasTrailers(w.rw.Header()) {
+			length = -1
 		}
-		w.send()
+		w.send(length)
 	}
 	http.NewResponseController(w.rw).Flush()
 }
