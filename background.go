@@ -29,7 +29,7 @@ import (
 // It is safe for concurrent use.
 type Tasks struct {
 	q   *queue
-	ctx context.Context // the context given to FromContext: tasks get its values
+	ctx taskContext // what its tasks run with: the values of the context given to FromContext
 }
 
 // tasksKey is the context key under which a Handler stores a request's queue.
@@ -43,7 +43,7 @@ func FromContext(ctx context.Context) *Tasks {
 	if q == nil {
 		return nil
 	}
-	return &Tasks{q: q, ctx: ctx}
+	return &Tasks{q: q, ctx: taskContext{Context: q.h.ctx, values: context.WithoutCancel(ctx)}}
 }
 
 // Add queues task to run once the response has been sent. The tasks of one
@@ -72,7 +72,7 @@ func (t *Tasks) Add(task func(ctx context.Context) error) {
 	if task == nil {
 		panic("background: Add called with a nil task")
 	}
-	t.q.h.add(t.q, queuedTask{run: task, ctx: t.ctx})
+	t.q.h.add(t.q, queuedTask{run: task, ctx: &t.ctx})
 }
 
 // queue is one request's tasks and where they stand. Its first three fields
@@ -90,7 +90,7 @@ type queue struct {
 
 type queuedTask struct {
 	run func(context.Context) error
-	ctx context.Context // where it was added
+	ctx *taskContext // what it runs with
 }
 
 // add queues t on q, or drops it with a log line if q can no longer run tasks.
@@ -164,16 +164,15 @@ func (h *Handler) runTask(q *queue, t queuedTask) {
 				"panic", v, "stack", string(debug.Stack()))
 		}
 	}()
-	ctx := taskContext{Context: h.ctx, values: context.WithoutCancel(t.ctx)}
-	if err := t.run(ctx); err != nil {
+	if err := t.run(t.ctx); err != nil {
 		h.logger().Error("background: task failed", "method", q.method, "path", q.path, "err", err)
 	}
 }
 
-// taskContext is the context a task runs with: the values of the context it
-// was added from, with the cancellation of its Handler. It cannot simply be
-// the request's context: net/http cancels that as ServeHTTP returns, which is
-// before any task starts.
+// taskContext is the context a task runs with: the values of the context
+// given to FromContext, with the cancellation of its Handler. It cannot
+// simply be the request's context: net/http cancels that as ServeHTTP
+// returns, which is before any task starts.
 type taskContext struct {
 	context.Context                 // the Handler's: Deadline, Done and Err
 	values          context.Context // the request's, through WithoutCancel
@@ -182,5 +181,4 @@ type taskContext struct {
 // Value looks key up in the request's context. That context went through
 // WithoutCancel, so that its cancellation cannot leak out through Value
 // either: context.Cause, for one, looks there.
-
-func (c taskContext) Value(key any) any { return c.values.Value(key) }
+func (c *taskContext) Value(key any) any { return c.values.Value(key) }
