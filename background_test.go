@@ -839,6 +839,10 @@ func TestResponseIsTheSameWithOrWithoutWrapper(t *testing.T) {
 			io.WriteString(w, "body")
 			w.Header().Set("X-Checksum", "abc")
 		},
+		"/prefixed-trailer-before-body": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set(http.TrailerPrefix+"X-Early", "abc")
+			io.WriteString(w, "body")
+		},
 		"/prefixed-trailer": func(w http.ResponseWriter, r *http.Request) {
 			chunked(w, 4<<10)
 			w.Header().Set(http.TrailerPrefix+"X-Late", "xyz")

@@ -241,42 +241,39 @@ func (w *responseWriter) WriteHeader(code int) {
 		return
 	}
 	w.status = code
-	if !mayAddLength(code, w.rw.Header()) {
-		w.sent = true
-		w.rw.WriteHeader(code)
-		return
+	h := w.rw.Header()
+	if mayAddLength(code, h) && !w.snapshot(h) {
+		return // held back until finish, or until it must stream
 	}
-	// net/http sends the headers as they are now; later changes are ignored.
-	// So keep a copy of them, in memory reused from earlier responses.
-	for k, vv := range w.rw.Header() {
-		n := len(w.values)
-		w.values = append(w.values, vv...)
-		w.header[k] = w.values[n:]
-	}
+	w.sent = true
+	w.rw.WriteHeader(code)
 }
 
 // mayAddLength reports whether a response may be sent with a Content-Length
-// of our making. These are the cases where net/http would not compute one.
+// of our making. These are the cases where net/http would not compute one,
+// but for trailers set with http.TrailerPrefix, which snapshot looks for.
 func mayAddLength(code int, h http.Header) bool {
 	if code < 200 || code == http.StatusNoContent || code == http.StatusNotModified {
 		return false // no body allowed
 	}
 	_, length := h["Content-Length"]
 	_, encoding := h["Transfer-Encoding"]
-	return !length && !encoding && !hasTrailers(h)
+	_, trailers := h["Trailer"] // trailers need a chunked body
+	return !length && !encoding && !trailers
 }
 
-// hasTrailers reports whether h declares trailers, which need a chunked body.
-func hasTrailers(h http.Header) bool {
-	if _, ok := h["Trailer"]; ok {
-		return true
+// snapshot copies h into w.header, in memory reused from earlier responses,
+// and reports whether h has keys with http.TrailerPrefix. net/http sends the
+// headers as they are at WriteHeader and ignores later changes, so send must
+// send this copy, not h.
+func (w *responseWriter) snapshot(h http.Header) (trailers bool) {
+	for k, vv := range h {
+		trailers = trailers || strings.HasPrefix(k, http.TrailerPrefix)
+		n := len(w.values)
+		w.values = append(w.values, vv...)
+		w.header[k] = w.values[n:]
 	}
-	for k := range h {
-		if strings.HasPrefix(k, http.TrailerPrefix) {
-			return true
-		}
-	}
-	return false
+	return trailers
 }
 
 // Write holds p back if it fits, and otherwise starts streaming.
@@ -303,10 +300,16 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 func (w *responseWriter) send(length int) error {
 	w.sent = true
 	// Undo header changes made since WriteHeader, which net/http would have
-	// ignored, but keep trailers, which it reads at the end.
+	// ignored, but keep trailers, which it reads at the end. They need a
+	// chunked body: no length.
 	h := w.rw.Header()
 	for k := range h {
-		if _, ok := w.header[k]; !ok && !strings.HasPrefix(k, http.TrailerPrefix) {
+		if _, ok := w.header[k]; ok {
+			continue
+		}
+		if strings.HasPrefix(k, http.TrailerPrefix) {
+			length = -1
+		} else {
 			delete(h, k)
 		}
 	}
@@ -374,9 +377,8 @@ func (w *responseWriter) finish() {
 	if !w.sent {
 		// Like net/http, give a HEAD response a length only if the handler
 		// wrote a body: an empty one may just mean it skipped the body.
-		// Trailers set since WriteHeader need a chunked body: no length.
 		length := len(w.body)
-		if (length == 0 && w.head) || hasTrailers(w.rw.Header()) {
+		if length == 0 && w.head {
 			length = -1
 		}
 		w.send(length)
