@@ -97,6 +97,7 @@ type queuedTask struct {
 func (h *Handler) add(q *queue, t queuedTask) {
 	h.mu.Lock()
 	var dropped string
+	start := false
 	switch {
 	case q.discarded:
 		dropped = "the handler panicked"
@@ -108,9 +109,12 @@ func (h *Handler) add(q *queue, t queuedTask) {
 		}
 		q.tasks = append(q.tasks, t)
 		h.track(q)
-		h.startLocked(q)
+		start = h.startLocked(q)
 	}
 	h.mu.Unlock()
+	if start {
+		go h.run(q)
+	}
 	if dropped != "" {
 		h.logDropped(q, 1, dropped)
 	}
@@ -120,21 +124,28 @@ func (h *Handler) add(q *queue, t queuedTask) {
 func (h *Handler) respond(q *queue) {
 	h.mu.Lock()
 	q.responded = true
-	h.startLocked(q)
+	start := h.startLocked(q)
 	h.mu.Unlock()
+	if start {
+		go h.run(q)
+	}
 }
 
-// startLocked starts a goroutine to run q's tasks, unless there is nothing to
-// run yet or one is already running. h.mu must be held.
+// startLocked reports whether the caller must start a goroutine to run q's
+// tasks: there are some to run, and no goroutine runs them yet. It marks q as
+// running, so that only one caller does. h.mu must be held; the go statement
+// comes after unlocking it, to keep other requests waiting for h.mu no longer
+// than needed.
 //
 // The goroutine is what keeps the client and its connection free: net/http
 // reads the next request on a keep-alive connection only after ServeHTTP has
 // returned, so tasks run inside ServeHTTP would hold up that request.
-func (h *Handler) startLocked(q *queue) {
+func (h *Handler) startLocked(q *queue) bool {
 	if q.responded && !q.running && len(q.tasks) > 0 {
 		q.running = true
-		go h.run(q)
+		return true
 	}
+	return false
 }
 
 // run runs q's tasks one at a time until none are left.
