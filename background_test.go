@@ -1225,6 +1225,201 @@ func TestEveryTaskRunsExactlyOnceUnderConcurrentRequests(t *testing.T) {
 	}
 }
 
+// --- 12. Faults ---
+
+func TestTasksRunOnceWhenClientLeavesBeforeReading(t *testing.T) {
+	var runs atomic.Int32
+	added := make(chan struct{})
+	clientGone := make(chan bool, 1)
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { runs.Add(1); return nil })
+		close(added)
+		_, ok := receive(r.Context().Done()) // net/http cancels it when the client leaves
+		clientGone <- ok
+		io.WriteString(w, "nobody reads this")
+	})
+	srv := serve(t, h)
+
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(conn, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+	await(t, added, "the handler to add its task")
+	conn.Close()
+	if !await(t, clientGone, "the handler to finish") {
+		t.Fatal("the request's context was not canceled: net/http did not see the client leave")
+	}
+	shutdown(t, h)
+	if n := runs.Load(); n != 1 {
+		t.Errorf("the task ran %d times, want once", n)
+	}
+}
+
+func TestSlowReaderHoldsUpNoOtherRequestOrTask(t *testing.T) {
+	const others = 20
+	ran := make(chan string, others+1)
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { ran <- r.URL.Path; return nil })
+		if r.URL.Path != "/big" {
+			io.WriteString(w, "small")
+			return
+		}
+		chunk := make([]byte, 32<<10)
+		for n := 0; n < 256<<20; n += len(chunk) { // far more than the socket buffers hold
+			if _, err := w.Write(chunk); err != nil {
+				return // the slow reader has gone
+			}
+		}
+	})
+	srv := serve(t, h)
+
+	slow, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	io.WriteString(slow, "GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
+	if _, err := slow.Read(make([]byte, 1)); err != nil { // the response has begun; read no more
+		t.Fatal(err)
+	}
+
+	for i := 0; i < others; i++ {
+		get(t, srv.Client(), fmt.Sprintf("%s/small/%d", srv.URL, i))
+	}
+	for i := 0; i < others; i++ {
+		if path := await(t, ran, "the other requests' tasks"); path == "/big" {
+			t.Fatal("the slow reader's task ran while its response was still being written")
+		}
+	}
+	slow.Close()
+	if path := await(t, ran, "the slow reader's task, once it had gone"); path != "/big" {
+		t.Errorf("extra task from %s", path)
+	}
+}
+
+func TestPanickingAndFailingTasksUnderLoadLeaveTheRestRunningOnce(t *testing.T) {
+	const requests, clients = 200, 8
+	var runs [requests]atomic.Int32
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/alive" {
+			return
+		}
+		var id int
+		fmt.Sscan(r.URL.Query().Get("id"), &id)
+		tasks := []func(context.Context) error{
+			func(context.Context) error { panic(fmt.Sprintf("task of request %d panics", id)) },
+			func(context.Context) error { return fmt.Errorf("task of request %d fails", id) },
+			func(context.Context) error { runs[id].Add(1); return nil },
+		}
+		for k := range tasks { // the counting task comes first, second or last
+			addTask(r, tasks[(k+id)%len(tasks)])
+		}
+	})
+	srv := serve(t, h)
+	ids := make(chan int, requests)
+	for id := 0; id < requests; id++ {
+		ids <- id
+	}
+	close(ids)
+	var wg sync.WaitGroup
+	for c := 0; c < clients; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for id := range ids {
+				if _, err := tryGet(srv.Client(), fmt.Sprintf("%s/?id=%d", srv.URL, id)); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	shutdown(t, h)
+
+	get(t, srv.Client(), srv.URL+"/alive")
+	for id := range runs {
+		if n := runs[id].Load(); n != 1 {
+			t.Errorf("request %d's counting task ran %d times, want once", id, n)
+		}
+	}
+	panicked, failed := 0, 0
+	for _, rec := range logs.records(t) {
+		switch rec["msg"] {
+		case "background: task panicked":
+			panicked++
+		case "background: task failed":
+			failed++
+		}
+	}
+	if panicked < requests || failed < requests {
+		t.Errorf("logged %d panics and %d failures, want at least %d of each", panicked, failed, requests)
+	}
+}
+
+func TestShutdownRacingRequestsDropsNoTaskWithoutALogLine(t *testing.T) {
+	const clients, requestsEach = 8, 40
+	var added, ran atomic.Int32
+	first := make(chan struct{})
+	var once sync.Once
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		blocking := false
+		once.Do(func() { blocking = true })
+		for k := 0; k < 2; k++ {
+			added.Add(1)
+			addTask(r, func(ctx context.Context) error {
+				ran.Add(1)
+				if blocking && k == 0 {
+					close(first)
+					<-ctx.Done() // busy until Shutdown gives up, so that it must drop
+				}
+				return nil
+			})
+		}
+	})
+	srv := serve(t, h)
+
+	var wg sync.WaitGroup
+	for c := 0; c < clients; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := 0; j < requestsEach; j++ {
+				tryGet(srv.Client(), srv.URL) // a request may fail once Shutdown has given up: no matter
+			}
+		}()
+	}
+	await(t, first, "the first task")
+	var shutdowns sync.WaitGroup
+	for i := 0; i < 3; i++ {
+		shutdowns.Add(1)
+		go func() {
+			defer shutdowns.Done()
+			h.Shutdown(expired())
+		}()
+	}
+	shutdowns.Wait()
+	wg.Wait()
+	srv.Close()
+	shutdown(t, h) // the tasks that were running when the deadline passed
+
+	dropped := 0
+	for _, rec := range logs.records(t) {
+		switch rec["msg"] {
+		case "background: tasks dropped":
+			dropped += int(rec["count"].(float64))
+		case "background: shutdown deadline passed; running tasks canceled, queued ones dropped":
+			dropped += int(rec["dropped"].(float64))
+		}
+	}
+	if logs.find(t, "shutdown deadline passed") == nil {
+		t.Error("Shutdown did not give up, though a task was running")
+	}
+	if a, r := int(added.Load()), int(ran.Load()); a != r+dropped {
+		t.Errorf("%d tasks added, %d ran and %d were logged as dropped: %d lost without a word", a, r, dropped, a-r-dropped)
+	}
+}
+
 // --- Fuzzing ---
 
 // runOps plays ops as a handler's calls on w. Each byte is one call: its low
