@@ -489,6 +489,73 @@ func TestProgramEndToEnd(t *testing.T) {
 		}
 	})
 
+	t.Run("SIGTERM under load keeps one line for each 200 and no other", func(t *testing.T) {
+		const requests, conns = 2000, 32
+		p := start(t, bin, "-delay", "20ms")
+		transport := &http.Transport{MaxConnsPerHost: conns, MaxIdleConnsPerHost: conns}
+		defer transport.CloseIdleConnections()
+		client := &http.Client{Transport: transport, Timeout: failSafe}
+
+		emails := make(chan string, requests)
+		for i := 0; i < requests; i++ {
+			emails <- fmt.Sprintf("user%04d@example.com", i)
+		}
+		close(emails)
+		var mu sync.Mutex
+		answered := make(map[string]bool) // the emails whose request got 200
+		half := make(chan struct{})
+		var wg sync.WaitGroup
+		for c := 0; c < conns; c++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for email := range emails {
+					resp, err := client.Post(p.url+"/send-notification/"+email, "", nil)
+					if err != nil {
+						continue // refused, once the server has stopped listening
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != http.StatusOK {
+						continue
+					}
+					mu.Lock()
+					answered[email] = true
+					if len(answered) == requests/2 {
+						close(half)
+					}
+					mu.Unlock()
+				}
+			}()
+		}
+		select {
+		case <-half:
+		case <-time.After(failSafe):
+			t.Fatal("half of the requests were not answered")
+		}
+		code := p.stop(t, syscall.SIGTERM)
+		wg.Wait()
+		if code != 0 {
+			t.Errorf("exit code = %d, want 0", code)
+		}
+
+		lines := strings.Split(strings.TrimSuffix(p.logged(t), "\n"), "\n")
+		seen := make(map[string]int)
+		for _, line := range lines {
+			email, ok := strings.CutPrefix(line, "Notification sent to: ")
+			if !ok || !answered[email] {
+				t.Errorf("log.txt has a line for no answered request: %q", line)
+			}
+			seen[email]++
+		}
+		for email := range answered {
+			if seen[email] != 1 {
+				t.Errorf("%s got 200 and has %d lines, want 1", email, seen[email])
+			}
+		}
+		t.Logf("%d of %d requests answered before the server stopped; %d lines", len(answered), requests, len(lines))
+	})
+
 	t.Run("unwritable log file keeps the server answering", func(t *testing.T) {
 		p := start(t, bin, "-log", filepath.Join("missing", "log.txt"))
 		p.notify(t, "first@example.com")
