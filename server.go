@@ -30,7 +30,9 @@ import (
 // The response writer passed to the handler implements http.Flusher and
 // http.Hijacker, and unwraps (for http.ResponseController) to the server's
 // own, so deadlines and full duplex work as without the wrapper. It does not
-// implement http.Pusher or the deprecated http.CloseNotifier.
+// implement http.Pusher or the deprecated http.CloseNotifier. As net/http
+// requires of its own, it must not be used once the handler has returned:
+// the Handler reuses it for a later response.
 type Handler struct {
 	// Logger receives failed and panicking tasks and dropped ones.
 	// If nil, slog.Default() at the moment of logging is used.
