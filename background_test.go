@@ -272,6 +272,37 @@ func panicOf(h http.Handler) (v any) {
 	return nil
 }
 
+// getEach sends GET /?id=N to srv for every N from 0 to requests-1, from
+// clients goroutines at once, and returns when all have been answered.
+func getEach(t *testing.T, srv *httptest.Server, requests, clients int) {
+	t.Helper()
+	ids := make(chan int, requests)
+	for id := 0; id < requests; id++ {
+		ids <- id
+	}
+	close(ids)
+	var wg sync.WaitGroup
+	for c := 0; c < clients; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for id := range ids {
+				if _, err := tryGet(srv.Client(), fmt.Sprintf("%s/?id=%d", srv.URL, id)); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// requestID returns the id that getEach put in r's URL.
+func requestID(r *http.Request) int {
+	var id int
+	fmt.Sscan(r.URL.Query().Get("id"), &id)
+	return id
+}
+
 // addTask adds task to r's request; it panics if r is not served through a
 // Handler.
 func addTask(r *http.Request, task func(ctx context.Context) error) {
@@ -1180,8 +1211,7 @@ func TestEveryTaskRunsExactlyOnceUnderConcurrentRequests(t *testing.T) {
 	)
 	var runs [requests][goroutines * tasksEach]atomic.Int32
 	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		var id int
-		fmt.Sscan(r.URL.Query().Get("id"), &id)
+		id := requestID(r)
 		tasks := background.FromContext(r.Context())
 		var wg sync.WaitGroup
 		for g := 0; g < goroutines; g++ {
@@ -1197,24 +1227,7 @@ func TestEveryTaskRunsExactlyOnceUnderConcurrentRequests(t *testing.T) {
 		wg.Wait()
 	})
 	srv := serve(t, h)
-	ids := make(chan int, requests)
-	for id := 0; id < requests; id++ {
-		ids <- id
-	}
-	close(ids)
-	var wg sync.WaitGroup
-	for c := 0; c < clients; c++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for id := range ids {
-				if _, err := tryGet(srv.Client(), fmt.Sprintf("%s/?id=%d", srv.URL, id)); err != nil {
-					t.Error(err)
-				}
-			}
-		}()
-	}
-	wg.Wait()
+	getEach(t, srv, requests, clients)
 	shutdown(t, h)
 	for id := range runs {
 		for k := range runs[id] {
@@ -1305,8 +1318,7 @@ func TestPanickingAndFailingTasksUnderLoadLeaveTheRestRunningOnce(t *testing.T) 
 		if r.URL.Path == "/alive" {
 			return
 		}
-		var id int
-		fmt.Sscan(r.URL.Query().Get("id"), &id)
+		id := requestID(r)
 		tasks := []func(context.Context) error{
 			func(context.Context) error { panic(fmt.Sprintf("task of request %d panics", id)) },
 			func(context.Context) error { return fmt.Errorf("task of request %d fails", id) },
@@ -1317,24 +1329,7 @@ func TestPanickingAndFailingTasksUnderLoadLeaveTheRestRunningOnce(t *testing.T) 
 		}
 	})
 	srv := serve(t, h)
-	ids := make(chan int, requests)
-	for id := 0; id < requests; id++ {
-		ids <- id
-	}
-	close(ids)
-	var wg sync.WaitGroup
-	for c := 0; c < clients; c++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for id := range ids {
-				if _, err := tryGet(srv.Client(), fmt.Sprintf("%s/?id=%d", srv.URL, id)); err != nil {
-					t.Error(err)
-				}
-			}
-		}()
-	}
-	wg.Wait()
+	getEach(t, srv, requests, clients)
 	shutdown(t, h)
 
 	get(t, srv.Client(), srv.URL+"/alive")
