@@ -388,14 +388,33 @@ func (p *process) stop(t *testing.T, sig os.Signal) int {
 	}
 }
 
-// logged returns the content of the log file in the process's directory.
+// logged returns the content of the log file in the process's directory,
+// or "" if there is no file.
 func (p *process) logged(t *testing.T) string {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(p.dir, "log.txt"))
-	if err != nil {
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// runOnce runs bin with args, expecting it to exit on its own, and returns
+// its output and exit code.
+func runOnce(t *testing.T, bin string, args ...string) (string, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), failSafe)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bin, args...).CombinedOutput()
+	var exit *exec.ExitError
+	switch {
+	case err == nil:
+		return string(out), 0
+	case errors.As(err, &exit):
+		return string(out), exit.ExitCode()
+	}
+	t.Fatal(err)
+	return "", -1
 }
 
 // lineWriter passes each whole line written to it on to lines.
@@ -444,8 +463,8 @@ func TestProgramEndToEnd(t *testing.T) {
 		sent := time.Now()
 		p.notify(t, "slow@example.com")
 		answered := time.Since(sent)
-		if _, err := os.Stat(filepath.Join(p.dir, "log.txt")); !errors.Is(err, os.ErrNotExist) {
-			t.Fatalf("log.txt exists (or %v) when the response arrives: the client waited for the task", err)
+		if got := p.logged(t); got != "" {
+			t.Fatalf("log.txt = %q when the response arrives: the client waited for the task", got)
 		}
 		if code := p.stop(t, syscall.SIGTERM); code != 0 {
 			t.Errorf("exit code = %d, want 0", code)
@@ -463,15 +482,15 @@ func TestProgramEndToEnd(t *testing.T) {
 			t.Errorf("exit code = %d, want 1", code)
 		}
 		p.expect(t, p.stderr, "tasks still unfinished after 100ms")
-		if _, err := os.Stat(filepath.Join(p.dir, "log.txt")); !errors.Is(err, os.ErrNotExist) {
-			t.Errorf("log.txt exists (or %v): the canceled task wrote its line", err)
+		if got := p.logged(t); got != "" {
+			t.Errorf("log.txt = %q: the canceled task wrote its line", got)
 		}
 	})
 
 	t.Run("defaults are the documented ones", func(t *testing.T) {
-		out, _ := exec.Command(bin, "-h").CombinedOutput()
+		out, _ := runOnce(t, bin, "-h")
 		for _, want := range []string{`default "127.0.0.1:8000"`, `default "log.txt"`, "default 10s"} {
-			if !strings.Contains(string(out), want) {
+			if !strings.Contains(out, want) {
 				t.Errorf("notify -h does not say %s:\n%s", want, out)
 			}
 		}
@@ -479,12 +498,9 @@ func TestProgramEndToEnd(t *testing.T) {
 
 	t.Run("bad flags are refused", func(t *testing.T) {
 		for _, args := range [][]string{{"-delay", "-1s"}, {"-drain", "0s"}, {"-log", ""}, {"extra"}} {
-			ctx, cancel := context.WithTimeout(context.Background(), failSafe)
-			defer cancel()
-			out, err := exec.CommandContext(ctx, bin, append([]string{"-addr", "127.0.0.1:0"}, args...)...).CombinedOutput()
-			var exit *exec.ExitError
-			if !errors.As(err, &exit) || exit.ExitCode() != 2 || !strings.HasPrefix(string(out), "notify: ") {
-				t.Errorf("notify %q: %v, output %q; want exit code 2 and a notify: line saying why", args, err, out)
+			out, code := runOnce(t, bin, append([]string{"-addr", "127.0.0.1:0"}, args...)...)
+			if code != 2 || !strings.HasPrefix(out, "notify: ") {
+				t.Errorf("notify %q: exit code %d, output %q; want exit code 2 and a notify: line saying why", args, code, out)
 			}
 		}
 	})
