@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -225,6 +226,30 @@ func TestDelayEndsWhenTaskContextIsCanceled(t *testing.T) {
 		}
 	case <-time.After(failSafe):
 		t.Fatal("sleep went on after its context was canceled")
+	}
+}
+
+func TestTaskCutOffByShutdownWritesNothing(t *testing.T) {
+	logPath := filepath.Join(t.TempDir(), "log.txt")
+	tasks := background.NewHandler(routes(&notificationLog{path: logPath, stdout: io.Discard}, time.Hour))
+	tasks.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	tasks.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("POST", "/send-notification/test@example.com", nil))
+
+	// The deadline leaves the task time to start its hour-long wait, so that
+	// Shutdown cancels it mid-task; had it not started, it is dropped, and
+	// must write nothing either.
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if err := tasks.Shutdown(ctx); err == nil {
+		t.Fatal("Shutdown returned nil while the task was still waiting")
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), failSafe)
+	defer cancel()
+	if err := tasks.Shutdown(ctx); err != nil { // waits for the canceled task to return
+		t.Fatalf("the canceled task did not return: %v", err)
+	}
+	if b, err := os.ReadFile(logPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("log file = %q (%v): a task cut off by Shutdown wrote its line", b, err)
 	}
 }
 
