@@ -1417,6 +1417,63 @@ func TestShutdownRacingRequestsDropsNoTaskWithoutALogLine(t *testing.T) {
 	}
 }
 
+// --- 13. Safe around a whole mux ---
+
+func TestWriterKeptByTaskReachesNoOtherResponse(t *testing.T) {
+	const rounds = 50
+	type use struct {
+		header   string // what the kept w's Header held after the task set it
+		writeErr error
+	}
+	serving := make(chan struct{}) // /b's handler is running
+	used := make(chan use)         // the task has used the kept w, or panicked trying
+	uses := make(chan use, 1)      // passed on by /b's handler, once it has written
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/b" {
+			serving <- struct{}{}
+			u, _ := receive(used)
+			io.WriteString(w, "b")
+			uses <- u
+			return
+		}
+		addTask(r, func(context.Context) (err error) {
+			var u use
+			defer func() { used <- u }()
+			receive(serving)
+			// The mistake: a closure that kept the handler's w.
+			w.Header().Set("Set-Cookie", "session=user-A-secret")
+			u.header = w.Header().Get("Set-Cookie")
+			_, u.writeErr = io.WriteString(w, "leak")
+			w.WriteHeader(http.StatusTeapot)
+			w.(http.Flusher).Flush()
+			return nil
+		})
+	})
+	srv := serve(t, h)
+	for i := 0; i < rounds; i++ {
+		get(t, srv.Client(), srv.URL+"/a")
+		resp, err := srv.Client().Get(srv.URL + "/b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusOK || string(body) != "b" || resp.Header["Set-Cookie"] != nil {
+			t.Fatalf("round %d: /b got %s %q (%v) with Set-Cookie %q; want 200 \"b\" and no cookie",
+				i, resp.Status, body, err, resp.Header["Set-Cookie"])
+		}
+		u := await(t, uses, "the task")
+		if u.header != "session=user-A-secret" || u.writeErr == nil {
+			t.Fatalf("round %d: the kept w's Header held %q after Set, and Write returned %v; want the cookie, and an error",
+				i, u.header, u.writeErr)
+		}
+	}
+	shutdown(t, h)
+	if rec := logs.find(t, "task panicked"); rec != nil {
+		t.Fatalf("using the kept w panicked: %v", rec["panic"])
+	}
+}
+
 // --- Fuzzing ---
 
 // runOps plays ops as a handler's calls on w. Each byte is one call: its low

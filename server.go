@@ -3,11 +3,12 @@ package background
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -27,21 +28,22 @@ import (
 // then. The client never waits for a task either way. Over HTTP/2, the end of
 // the stream is likewise sent as ServeHTTP returns.
 //
-// The response writer passed to the handler implements http.Flusher and
-// http.Hijacker, and unwraps (for http.ResponseController) to the server's
-// own, so deadlines and full duplex work as without the wrapper. It does not
-// implement http.Pusher or the deprecated http.CloseNotifier. As net/http
-// requires of its own, it must not be used once the handler has returned:
-// the Handler reuses it for a later response.
+// The response writer passed to the handler implements http.Flusher,
+// and http.Hijacker, and unwraps (for http.ResponseController) to the server's own,
+// so deadlines and full duplex work as without the wrapper. It does not
+// implement http.Pusher or the deprecated http.CloseNotifier. Each response
+// gets a writer of its own. Once the handler has returned, its writer is cut
+// off from the response: if a task kept it by mistake, Header returns a map
+// that nothing sends, Write returns an error, and WriteHeader and Flush do
+// nothing.
 type Handler struct {
 	// Logger receives failed and panicking tasks and dropped ones.
 	// If nil, slog.Default() at the moment of logging is used.
 	Logger *slog.Logger
 
-	next    http.Handler
-	ctx     context.Context    // the cancellation every task sees; ended by Shutdown
-	cancel  context.CancelFunc // ends ctx
-	writers sync.Pool          // of *responseWriter, reused from response to response
+	next   http.Handler
+	ctx    context.Context    // the cancellation every task sees; ended by Shutdown
+	cancel context.CancelFunc // ends ctx
 
 	mu   sync.Mutex          // guards busy, idle and every queue's fields
 	busy map[*queue]struct{} // the queues that have tasks queued or running
@@ -63,18 +65,19 @@ func NewHandler(next http.Handler) *Handler {
 // panics, its tasks are discarded and the panic goes on up to net/http.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	q := &queue{h: h, method: r.Method, path: r.URL.Path}
-	rw := h.newWriter(w, r.Method == http.MethodHead)
-	defer h.recycle(rw)
+	rw := &responseWriter{rw: w, head: r.Method == http.MethodHead}
 	r2 := r.WithContext(context.WithValue(r.Context(), tasksKey{}, q))
 
 	responded := false
 	defer func() {
 		if !responded { // a panic is on its way up to net/http
+			rw.detach()
 			h.discard(q)
 		}
 	}()
 	h.next.ServeHTTP(rw, r2)
 	rw.finish() // the whole response, on its way to the client...
+	rw.detach() // ...out of reach of a task that kept the handler's w...
 	responded = true
 	h.respond(q) // ...before any task starts
 }
@@ -163,27 +166,6 @@ func (h *Handler) track(q *queue) {
 	}
 }
 
-// newWriter returns a responseWriter for one response. It reuses one that
-// an earlier response has finished with, if there is one, so that a busy
-// server allocates no writer, header snapshot or body buffer per response.
-func (h *Handler) newWriter(rw http.ResponseWriter, head bool) *responseWriter {
-	w, _ := h.writers.Get().(*responseWriter)
-	if w == nil {
-		w = &responseWriter{header: make(http.Header)}
-	}
-	w.rw, w.head = rw, head
-	return w
-}
-
-// recycle makes w ready for another response; the handler that had it has
-// returned, and must no longer use it.
-func (h *Handler) recycle(w *responseWriter) {
-	clear(w.header)
-	clear(w.values) // let go of the strings
-	*w = responseWriter{header: w.header, values: w.values[:0], body: w.body[:0]}
-	h.writers.Put(w)
-}
-
 func (h *Handler) logger() *slog.Logger {
 	if h.Logger != nil {
 		return h.Logger
@@ -208,12 +190,11 @@ const maxBuffered = 64 << 10
 // 204 and 304, and those whose handler sets Content-Length, Transfer-Encoding
 // or trailers. So does any response once flushed or past maxBuffered bytes.
 type responseWriter struct {
-	rw   http.ResponseWriter
-	head bool // a HEAD request: net/http sends no body
+	rw   http.ResponseWriter // the server's, until detach
+	head bool                // a HEAD request: net/http sends no body
 
 	status   int         // the handler's status, or 0 before WriteHeader
-	header   http.Header // the headers as they were at WriteHeader, while held back
-	values   []string    // the memory of header's values
+	header   http.Header // a copy of the headers as they were at WriteHeader, while held back
 	body     []byte      // the held-back body
 	sent     bool        // status and headers have gone to rw, so writes pass through
 	hijacked bool        // the handler took the connection: write nothing more
@@ -225,7 +206,7 @@ var (
 )
 
 // Header returns the server's header map: the handler and net/http share it,
-// as they do without the wrapper.
+// as they do without the wrapper. After detach, it returns the stand-in's.
 func (w *responseWriter) Header() http.Header { return w.rw.Header() }
 
 // WriteHeader holds back a final status that may still get a Content-Length,
@@ -244,7 +225,10 @@ func (w *responseWriter) WriteHeader(code int) {
 	}
 	w.status = code
 	h := w.rw.Header()
-	if mayAddLength(code, h) && !w.snapshot(h) {
+	if mayAddLength(code, h) {
+		// net/http sends the headers as they are at WriteHeader and ignores
+		// later changes, so send must send this copy.
+		w.header = h.Clone()
 		return // held back until finish, or until it must stream
 	}
 	w.sent = true
@@ -252,30 +236,20 @@ func (w *responseWriter) WriteHeader(code int) {
 }
 
 // mayAddLength reports whether a response may be sent with a Content-Length
-// of our making. These are the cases where net/http would not compute one,
-// but for trailers set with http.TrailerPrefix, which snapshot looks for.
+// of our making. These are the cases where net/http would not compute one.
 func mayAddLength(code int, h http.Header) bool {
 	if code < 200 || code == http.StatusNoContent || code == http.StatusNotModified {
 		return false // no body allowed
 	}
-	_, length := h["Content-Length"]
-	_, encoding := h["Transfer-Encoding"]
-	_, trailers := h["Trailer"] // trailers need a chunked body
-	return !length && !encoding && !trailers
-}
-
-// snapshot copies h into w.header, in memory reused from earlier responses,
-// and reports whether h has keys with http.TrailerPrefix. net/http sends the
-// headers as they are at WriteHeader and ignores later changes, so send must
-// send this copy, not h.
-func (w *responseWriter) snapshot(h http.Header) (trailers bool) {
-	for k, vv := range h {
-		trailers = trailers || strings.HasPrefix(k, http.TrailerPrefix)
-		n := len(w.values)
-		w.values = append(w.values, vv...)
-		w.header[k] = w.values[n:]
+	for k := range h {
+		switch {
+		case k == "Content-Length", k == "Transfer-Encoding":
+			return false
+		case k == "Trailer", strings.HasPrefix(k, http.TrailerPrefix):
+			return false // trailers need a chunked body
+		}
 	}
-	return trailers
+	return true
 }
 
 // Write holds p back if it fits, and otherwise starts streaming.
@@ -315,11 +289,7 @@ func (w *responseWriter) send(length int) error {
 			delete(h, k)
 		}
 	}
-	for k, vv := range w.header {
-		if !slices.Equal(h[k], vv) {
-			h[k] = slices.Clone(vv) // not vv itself: its memory goes on to later responses
-		}
-	}
+	maps.Copy(h, w.header)
 	if length >= 0 {
 		h.Set("Content-Length", strconv.Itoa(length))
 	}
@@ -328,7 +298,7 @@ func (w *responseWriter) send(length int) error {
 		return nil
 	}
 	_, err := w.rw.Write(w.body)
-	w.body = w.body[:0]
+	w.body = nil
 	return err
 }
 
@@ -386,4 +356,21 @@ func (w *responseWriter) finish() {
 		w.send(length)
 	}
 	http.NewResponseController(w.rw).Flush()
+}
+
+// detach cuts w off from the response for good, once the handler has
+// returned. The handler may have left w behind, captured by a task's
+// closure say, and net/http finishes its own writer as ServeHTTP returns and
+// then reuses its buffers for other connections: nothing may reach it from
+// a task, which runs meanwhile.
+func (w *responseWriter) detach() { w.rw = detachedWriter{header: make(http.Header)} }
+
+// detachedWriter stands in for the server's writer after detach: its header
+// map is its own, nothing sends it, and nothing can be written.
+type detachedWriter struct{ header http.Header }
+
+func (d detachedWriter) Header() http.Header { return d.header }
+func (d detachedWriter) WriteHeader(int)     {}
+func (d detachedWriter) Write([]byte) (int, error) {
+	return 0, errors.New("background: Write after the handler returned")
 }
