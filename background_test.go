@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"runtime"
 	"slices"
 	"strings"
@@ -370,6 +371,9 @@ func TestResponseIsCompleteOnTheWireBeforeTaskStarts(t *testing.T) {
 		{"HEAD", "HEAD", func(w http.ResponseWriter, r *http.Request) {
 			io.WriteString(w, "not sent")
 		}, ""},
+		{"no Content-Length, through ReadFrom", "GET", func(w http.ResponseWriter, r *http.Request) {
+			io.Copy(w, readerOnly{strings.NewReader("hello, world")})
+		}, "hello, world"},
 		{"body at the buffer limit", "GET", func(w http.ResponseWriter, r *http.Request) {
 			w.Write(bytes.Repeat([]byte("x"), bufferLimit))
 		}, strings.Repeat("x", bufferLimit)},
@@ -880,6 +884,17 @@ func TestResponseIsTheSameWithOrWithoutWrapper(t *testing.T) {
 			chunked(w, 4<<10)
 			w.Header().Set(http.TrailerPrefix+"X-Late", "xyz")
 		},
+		"/read-from": func(w http.ResponseWriter, r *http.Request) {
+			io.Copy(w, readerOnly{strings.NewReader("read, not written")})
+		},
+		"/read-from-past-buffer": func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "written first, ")
+			io.Copy(w, readerOnly{bytes.NewReader(bytes.Repeat([]byte("0123456789abcdef"), bufferLimit/16))})
+		},
+		"/read-from-sized": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "17")
+			io.Copy(w, readerOnly{strings.NewReader("read, not written")})
+		},
 		"/short-content-length": func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Length", "100")
 			io.WriteString(w, "too short")
@@ -895,6 +910,38 @@ func TestResponseIsTheSameWithOrWithoutWrapper(t *testing.T) {
 	for path := range cases {
 		for _, method := range []string{"GET", "HEAD"} {
 			t.Run(method+path, func(t *testing.T) { compare(t, bare, wrapped, method, path) })
+		}
+	}
+}
+
+// readerOnly hides any method of its Reader but Read, such as WriteTo, so
+// that io.Copy calls the writer's ReadFrom.
+type readerOnly struct{ io.Reader }
+
+func TestCopyToWriterReportsBytesCopiedAndNoError(t *testing.T) {
+	for _, size := range []int{0, 17, bufferLimit, bufferLimit + 1, 3 * bufferLimit} {
+		for _, sized := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%d bytes, Content-Length %v", size, sized), func(t *testing.T) {
+				type result struct {
+					n   int64
+					err error
+				}
+				results := make(chan result, 1)
+				h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+					if sized {
+						w.Header().Set("Content-Length", fmt.Sprint(size))
+					}
+					n, err := io.Copy(w, readerOnly{bytes.NewReader(make([]byte, size))})
+					results <- result{n, err}
+				})
+				srv := serve(t, h)
+				if body := get(t, srv.Client(), srv.URL); len(body) != size {
+					t.Errorf("client got %d bytes, want %d", len(body), size)
+				}
+				if got := await(t, results, "the handler"); got.n != int64(size) || got.err != nil {
+					t.Errorf("io.Copy = %d, %v; want %d, nil", got.n, got.err, size)
+				}
+			})
 		}
 	}
 }
@@ -1471,6 +1518,144 @@ func TestWriterKeptByTaskReachesNoOtherResponse(t *testing.T) {
 	shutdown(t, h)
 	if rec := logs.find(t, "task panicked"); rec != nil {
 		t.Fatalf("using the kept w panicked: %v", rec["panic"])
+	}
+}
+
+// rawExchange sends request on a new connection to addr, and returns every
+// byte the server sends back until it closes the connection.
+func rawExchange(t *testing.T, addr, request string) string {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(failSafe))
+	if _, err := io.WriteString(conn, request); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("read %d bytes, then: %v", len(got), err)
+	}
+	return string(got)
+}
+
+// writeFile writes size bytes that no two nearby ranges share to a file
+// named name in dir.
+func writeFile(t *testing.T, dir, name string, size int) {
+	t.Helper()
+	content := make([]byte, size)
+	for i := range content {
+		content[i] = byte(i*7 + i>>8)
+	}
+	if err := os.WriteFile(filepath.Join(dir, name), content, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestFileServerSendsTheSameBytesWithOrWithoutWrapper(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, dir, "big.bin", 300<<10)
+	writeFile(t, dir, "small.bin", 1000)
+	files := http.FileServer(http.Dir(dir))
+	h, _ := wrap(t, files.ServeHTTP)
+	bare, wrapped := serve(t, files), serve(t, h)
+
+	// Only the date and the random boundary of a multipart body may differ.
+	date := regexp.MustCompile("(?m)^Date: .*\r\n")
+	boundary := regexp.MustCompile("boundary=([0-9a-f]+)")
+	normalize := func(raw string) string {
+		raw = date.ReplaceAllString(raw, "")
+		if m := boundary.FindStringSubmatch(raw); m != nil {
+			raw = strings.ReplaceAll(raw, m[1], "BOUNDARY")
+		}
+		return raw
+	}
+	cases := map[string]string{
+		"whole file":      "GET /big.bin HTTP/1.1\r\n",
+		"small file":      "GET /small.bin HTTP/1.1\r\n",
+		"single range":    "GET /big.bin HTTP/1.1\r\nRange: bytes=1000-99999\r\n",
+		"multiple ranges": "GET /big.bin HTTP/1.1\r\nRange: bytes=0-99,70000-80000,250000-\r\n",
+		"HEAD":            "HEAD /big.bin HTTP/1.1\r\n",
+		"HEAD of a range": "HEAD /big.bin HTTP/1.1\r\nRange: bytes=5-9\r\n",
+		"not modified":    "GET /small.bin HTTP/1.1\r\nIf-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT\r\n",
+	}
+	for name, request := range cases {
+		t.Run(name, func(t *testing.T) {
+			request += "Host: test\r\nConnection: close\r\n\r\n"
+			want := normalize(rawExchange(t, bare.Listener.Addr().String(), request))
+			got := normalize(rawExchange(t, wrapped.Listener.Addr().String(), request))
+			if got != want {
+				t.Errorf("wrapped sent %d bytes, bare %d; they differ from byte %d:\nwrapped: %.300q\nbare:    %.300q",
+					len(got), len(want), firstDifference(got, want), got, want)
+			}
+		})
+	}
+}
+
+// firstDifference returns the index of the first byte where a and b differ.
+func firstDifference(a, b string) int {
+	n := 0
+	for n < len(a) && n < len(b) && a[n] == b[n] {
+		n++
+	}
+	return n
+}
+
+// readFromListener counts the bytes that net/http hands to its connections'
+// ReadFrom: that is where the kernel's sendfile copies a file to the socket.
+type readFromListener struct {
+	net.Listener
+	n atomic.Int64
+}
+
+func (l *readFromListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &readFromConn{TCPConn: c.(*net.TCPConn), counter: l}, nil
+}
+
+type readFromConn struct {
+	*net.TCPConn
+	counter *readFromListener
+}
+
+func (c *readFromConn) ReadFrom(r io.Reader) (int64, error) {
+	n, err := c.TCPConn.ReadFrom(r)
+	c.counter.n.Add(n)
+	return n, err
+}
+
+func TestFileServerThroughWrapperReachesSendfile(t *testing.T) {
+	const size = 300 << 10
+	dir := t.TempDir()
+	writeFile(t, dir, "big.bin", size)
+	files := http.FileServer(http.Dir(dir))
+	h, _ := wrap(t, files.ServeHTTP)
+	for name, handler := range map[string]http.Handler{"bare": files, "wrapped": h} {
+		t.Run(name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			counter := &readFromListener{Listener: ln}
+			srv := httptest.NewUnstartedServer(handler)
+			srv.Listener = counter
+			srv.Start()
+			defer srv.Close()
+			srv.Client().Timeout = failSafe
+
+			if body := get(t, srv.Client(), srv.URL+"/big.bin"); len(body) != size {
+				t.Fatalf("got %d bytes, want %d", len(body), size)
+			}
+			// net/http writes the first 512 bytes itself, to sniff the type.
+			if n := counter.n.Load(); n < size-512 {
+				t.Errorf("%d of %d bytes went through the connection's ReadFrom; want all but the first 512", n, size)
+			}
+		})
 	}
 }
 

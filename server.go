@@ -5,10 +5,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -203,6 +205,7 @@ type responseWriter struct {
 var (
 	_ http.Flusher  = (*responseWriter)(nil)
 	_ http.Hijacker = (*responseWriter)(nil)
+	_ io.ReaderFrom = (*responseWriter)(nil)
 )
 
 // Header returns the server's header map: the handler and net/http share it,
@@ -268,6 +271,41 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	}
 	w.body = append(w.body, p...)
 	return len(p), nil
+}
+
+// ReadFrom implements io.ReaderFrom, which is how io.Copy, and with it
+// http.FileServer and http.ServeContent, reach net/http's sendfile. Until the
+// response streams, src is read into the held-back body, like Write's bytes;
+// from then on, or at once if the handler set a Content-Length, src goes
+// straight to the server's writer.
+func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	var n int64
+	for !w.sent {
+		// Read one byte past maxBuffered at most: that byte says the body
+		// is too long to hold back.
+		if len(w.body) == cap(w.body) {
+			w.body = slices.Grow(w.body, 512)
+		}
+		m, err := src.Read(w.body[len(w.body):min(cap(w.body), maxBuffered+1)])
+		w.body = w.body[:len(w.body)+m]
+		n += int64(m)
+		if err != nil {
+			if err == io.EOF {
+				err = nil
+			}
+			return n, err
+		}
+		if len(w.body) > maxBuffered {
+			if err := w.send(-1); err != nil {
+				return n, err
+			}
+		}
+	}
+	m, err := io.Copy(w.rw, src)
+	return n + m, err
 }
 
 // send passes the held-back status, headers and body on to rw, with a
