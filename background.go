@@ -189,6 +189,16 @@ type taskContext struct {
 	values          context.Context // the request's, through WithoutCancel
 }
 
+// AfterFunc arranges for f to run once the Handler's context ends. Through
+// it, a context derived from a task's ctx (context.WithTimeout, say)
+// registers with the Handler's cancellation, as it would with any context
+// from context.WithCancel. Without it, the context package could not see the
+// cancelable context inside this one, and would start a goroutine for each
+// derived context, to watch Done.
+func (c *taskContext) AfterFunc(f func()) (stop func() bool) {
+	return context.AfterFunc(c.Context, f)
+}
+
 // Value looks key up in the request's context. That context went through
 // WithoutCancel, so that its cancellation cannot leak out through Value
 // either: context.Cause, for one, looks there.

@@ -626,6 +626,48 @@ func TestTaskContextHasValuesButOnlyShutdownCancelsIt(t *testing.T) {
 	}
 }
 
+func TestContextsDerivedFromTaskContextStartNoGoroutineAndSeeShutdown(t *testing.T) {
+	const derived = 300
+	goroutines := make(chan int, 1) // how many the derived contexts added
+	errs := make(chan error, 1)
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(ctx context.Context) error {
+			before := runtime.NumGoroutine()
+			var ctxs []context.Context
+			for i := 0; i < derived; i++ {
+				derive := context.WithCancel
+				if i%2 == 0 {
+					derive = func(ctx context.Context) (context.Context, context.CancelFunc) {
+						return context.WithTimeout(ctx, time.Hour)
+					}
+				}
+				c, cancel := derive(ctx)
+				defer cancel()
+				ctxs = append(ctxs, c)
+			}
+			goroutines <- runtime.NumGoroutine() - before
+			<-ctx.Done() // Shutdown has given up
+			for i, c := range ctxs {
+				if _, ok := receive(c.Done()); !ok {
+					errs <- fmt.Errorf("derived context %d was not canceled with the task's", i)
+					return nil
+				}
+			}
+			errs <- nil
+			return nil
+		})
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL)
+	if n := await(t, goroutines, "the task"); n > derived/10 {
+		t.Errorf("%d contexts derived from the task's ctx started %d goroutines; want next to none", derived, n)
+	}
+	h.Shutdown(expired())
+	if err := await(t, errs, "the task to see its derived contexts end"); err != nil {
+		t.Error(err)
+	}
+}
+
 // --- 5. Failures are isolated and visible ---
 
 func TestFailingTasksAreLoggedAndTheRestStillRun(t *testing.T) {
