@@ -1701,6 +1701,38 @@ func TestFileServerThroughWrapperReachesSendfile(t *testing.T) {
 	}
 }
 
+func TestMaxBytesHandlerAnswersAStalledClientAtOnce(t *testing.T) {
+	ran := make(chan struct{})
+	inner := func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { close(ran); return nil })
+		if _, err := io.ReadAll(r.Body); err != nil {
+			http.Error(w, err.Error(), http.StatusRequestEntityTooLarge)
+		}
+	}
+	h, _ := wrap(t, http.MaxBytesHandler(http.HandlerFunc(inner), 1<<10).ServeHTTP)
+	srv := serve(t, h)
+
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(failSafe))
+	// The client declares far more than the limit, sends a little over it,
+	// and stalls.
+	io.WriteString(conn, "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 200000\r\n\r\n")
+	conn.Write(make([]byte, 2<<10))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("no response while the client stalls: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestEntityTooLarge || !resp.Close {
+		t.Errorf("got %s, Connection %q; want 413 and close", resp.Status, resp.Header.Get("Connection"))
+	}
+	await(t, ran, "the task")
+}
+
 // --- Fuzzing ---
 
 // runOps plays ops as a handler's calls on w. Each byte is one call: its low

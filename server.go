@@ -30,6 +30,12 @@ import (
 // then. The client never waits for a task either way. Over HTTP/2, the end of
 // the stream is likewise sent as ServeHTTP returns.
 //
+// A 413 response closes the connection, as net/http's own writer does
+// when http.MaxBytesReader trips; otherwise net/http would first wait for
+// the rest of a body that a stalled client never sends. Through the
+// wrapper, net/http cannot see the trip itself, so a handler that answers a
+// too-large body with another status should set "Connection: close".
+//
 // The response writer passed to the handler implements http.Flusher,
 // and http.Hijacker, and unwraps (for http.ResponseController) to the server's own,
 // so deadlines and full duplex work as without the wrapper. It does not
@@ -228,6 +234,14 @@ func (w *responseWriter) WriteHeader(code int) {
 	}
 	w.status = code
 	h := w.rw.Header()
+	if code == http.StatusRequestEntityTooLarge {
+		// When http.MaxBytesReader trips, net/http closes the connection
+		// after the response instead of first reading the rest of the body,
+		// which a stalled client would never send. It learns of the trip
+		// only through its own writer, not this one, so say it here: 413 is
+		// what handlers answer then.
+		h.Set("Connection", "close")
+	}
 	if mayAddLength(code, h) {
 		// net/http sends the headers as they are at WriteHeader and ignores
 		// later changes, so send must send this copy.
