@@ -21,6 +21,7 @@ package background
 
 import (
 	"context"
+	"errors"
 	"runtime/debug"
 )
 
@@ -168,6 +169,10 @@ func (h *Handler) run(q *queue) {
 
 // runTask runs t and logs its error or panic. A panic must be recovered here:
 // in a goroutine we started, nothing else would, and it would end the process.
+//
+// A task that returns the cancellation Shutdown caused is not logged:
+// Shutdown's own line counted it, and a line for each of thousands of tasks
+// would bury the rest of the log.
 func (h *Handler) runTask(q *queue, t queuedTask) {
 	defer func() {
 		if v := recover(); v != nil {
@@ -175,7 +180,8 @@ func (h *Handler) runTask(q *queue, t queuedTask) {
 				"panic", v, "stack", string(debug.Stack()))
 		}
 	}()
-	if err := t.run(t.ctx); err != nil {
+	err := t.run(t.ctx)
+	if err != nil && !(errors.Is(err, context.Canceled) && t.ctx.Err() != nil) {
 		h.logger().Error("background: task failed", "method", q.method, "path", q.path, "err", err)
 	}
 }

@@ -1733,6 +1733,64 @@ func TestMaxBytesHandlerAnswersAStalledClientAtOnce(t *testing.T) {
 	await(t, ran, "the task")
 }
 
+func TestShutdownSumsUpTheCancellationsItCausesInOneLine(t *testing.T) {
+	const requests, clients = 300, 8
+	var started sync.WaitGroup
+	started.Add(requests + 1)
+	allStarted := make(chan struct{})
+	go func() { started.Wait(); close(allStarted) }()
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/own-cancellation": // not Shutdown's: logged
+			addTask(r, func(ctx context.Context) error {
+				ctx, cancel := context.WithCancel(ctx)
+				cancel()
+				return ctx.Err()
+			})
+		case "/other-error": // after Shutdown's cancellation, but not it: logged
+			addTask(r, func(ctx context.Context) error {
+				started.Done()
+				<-ctx.Done()
+				return errors.New("mail server said no")
+			})
+		default: // Shutdown's cancellation, as such or wrapped: counted, not logged
+			addTask(r, func(ctx context.Context) error {
+				started.Done()
+				<-ctx.Done()
+				if requestID(r)%2 == 0 {
+					return ctx.Err()
+				}
+				return fmt.Errorf("sending mail: %w", ctx.Err())
+			})
+		}
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL+"/own-cancellation")
+	get(t, srv.Client(), srv.URL+"/other-error")
+	getEach(t, srv, requests, clients)
+	await(t, allStarted, "every task to start")
+	h.Shutdown(expired())
+	shutdown(t, h) // wait for the canceled tasks to return
+
+	var msgs []string
+	for _, rec := range logs.records(t) {
+		msgs = append(msgs, fmt.Sprintf("%s %v", rec["msg"], rec["err"]))
+	}
+	slices.Sort(msgs)
+	want := []string{
+		"background: shutdown deadline passed; running tasks canceled, queued ones dropped <nil>",
+		"background: task failed context canceled",
+		"background: task failed mail server said no",
+	}
+	if !slices.Equal(msgs, want) {
+		t.Errorf("Shutdown canceled %d tasks, and the log had %d lines:\n%s\nwant:\n%s",
+			requests+1, len(msgs), strings.Join(msgs[:min(len(msgs), 10)], "\n"), strings.Join(want, "\n"))
+	}
+	if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["running"] != float64(requests+1) {
+		t.Errorf("Shutdown's line is %v; want it to count %d running tasks", rec, requests+1)
+	}
+}
+
 // --- Fuzzing ---
 
 // runOps plays ops as a handler's calls on w. Each byte is one call: its low

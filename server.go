@@ -112,9 +112,11 @@ func (h *Handler) logDropped(q *queue, n int, reason string) {
 // Shutdown waits for every queued and running task, including those that
 // requests still being served add meanwhile, and returns nil once they have
 // all finished. If ctx ends first, Shutdown cancels the context of the running
-// tasks, drops the queued ones with a log line saying how many, and returns
-// ctx.Err() without waiting further. From then on, tasks added are dropped,
-// each with a log line.
+// tasks, drops the queued ones, logs one line saying how many of each, and
+// returns ctx.Err() without waiting further. A canceled task that returns
+// that cancellation (context.Canceled, wrapped or not) is not logged again;
+// any other error it returns is. From then on, tasks added are dropped, each
+// with a log line.
 //
 // http.Server.Shutdown knows nothing of the goroutines that run tasks, so
 // shutting down takes two steps: first http.Server.Shutdown, which stops new
