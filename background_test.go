@@ -1097,6 +1097,31 @@ func TestHijackedConnectionStillRunsTasks(t *testing.T) {
 	}
 }
 
+func TestWriteAfterHijackFailsAsWithoutWrapper(t *testing.T) {
+	errs := make(chan error, 2)
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		conn, _, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Errorf("Hijack through the wrapper: %v", err)
+			return
+		}
+		conn.Close()
+		_, err = io.WriteString(w, "too late")
+		errs <- err
+		_, err = io.Copy(w, readerOnly{strings.NewReader("too late")}) // through ReadFrom
+		errs <- err
+	})
+	srv := serveLogging(t, h, io.Discard)
+	if resp, err := srv.Client().Get(srv.URL); err == nil {
+		resp.Body.Close()
+	}
+	for _, call := range []string{"Write", "io.Copy"} {
+		if err := await(t, errs, "the handler"); !errors.Is(err, http.ErrHijacked) {
+			t.Errorf("%s after Hijack returned %v; want http.ErrHijacked", call, err)
+		}
+	}
+}
+
 // --- 9. Bounded memory ---
 
 func TestUnsizedBodyStreamsPastBufferLimit(t *testing.T) {

@@ -273,6 +273,9 @@ func mayAddLength(code int, h http.Header) bool {
 
 // Write holds p back if it fits, and otherwise starts streaming.
 func (w *responseWriter) Write(p []byte) (int, error) {
+	if w.hijacked {
+		return 0, http.ErrHijacked // as net/http's own writer says
+	}
 	if w.status == 0 {
 		w.WriteHeader(http.StatusOK)
 	}
@@ -295,6 +298,9 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 // from then on, or at once if the handler set a Content-Length, src goes
 // straight to the server's writer.
 func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
+	if w.hijacked {
+		return 0, http.ErrHijacked
+	}
 	if w.status == 0 {
 		w.WriteHeader(http.StatusOK)
 	}
