@@ -173,12 +173,14 @@ func wrap(t *testing.T, next http.HandlerFunc) (*background.Handler, *logBuffer)
 	return h, logs
 }
 
-// shutdown waits for h's tasks, failing the test if that takes too long.
+// shutdown waits for h's tasks, failing the test if they take longer than
+// failSafe. Once a Shutdown has given up, the later ones return its error, so
+// only a Shutdown that gave up itself fails the test.
 func shutdown(t *testing.T, h *background.Handler) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), failSafe)
 	defer cancel()
-	if err := h.Shutdown(ctx); err != nil {
+	if err := h.Shutdown(ctx); err != nil && ctx.Err() != nil {
 		t.Errorf("Shutdown: %v", err)
 	}
 }
@@ -1267,6 +1269,40 @@ func TestTaskAddedAfterShutdownDeadlineIsDroppedWithLog(t *testing.T) {
 	}
 	if rec := logs.find(t, "tasks dropped"); rec == nil || rec["path"] != "/late" {
 		t.Errorf("dropped task logged as %v; want a record naming /late", rec)
+	}
+}
+
+func TestShutdownReturnsNilOnlyIfNoTaskWasLost(t *testing.T) {
+	started, release := make(chan struct{}), make(chan struct{})
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error {
+			close(started)
+			<-release // ignores ctx: Shutdown waits for it all the same
+			return nil
+		})
+		addTask(r, func(context.Context) error { return nil }) // queued behind it
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL)
+	await(t, started, "the first task")
+
+	// A patient Shutdown waits; an impatient one gives up meanwhile, and
+	// drops the queued task.
+	ctx, cancel := context.WithTimeout(context.Background(), failSafe)
+	defer cancel()
+	wctx := &waitingContext{Context: ctx, waiting: make(chan struct{})}
+	patient := make(chan error, 1)
+	go func() { patient <- h.Shutdown(wctx) }()
+	await(t, wctx.waiting, "the patient Shutdown to wait")
+	if err := h.Shutdown(expired()); err != context.Canceled {
+		t.Fatalf("the impatient Shutdown = %v, want context.Canceled", err)
+	}
+	close(release)
+	if err := await(t, patient, "the patient Shutdown"); err != context.Canceled {
+		t.Errorf("the patient Shutdown = %v, though the other one dropped a task; want its error, context.Canceled", err)
+	}
+	if err := h.Shutdown(ctx); err != context.Canceled {
+		t.Errorf("a later Shutdown = %v; want context.Canceled still", err)
 	}
 }
 

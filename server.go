@@ -50,8 +50,8 @@ type Handler struct {
 	Logger *slog.Logger
 
 	next   http.Handler
-	ctx    context.Context    // the cancellation every task sees; ended by Shutdown
-	cancel context.CancelFunc // ends ctx
+	ctx    context.Context         // the cancellation every task sees; ended by Shutdown
+	cancel context.CancelCauseFunc // ends ctx, with the error of the Shutdown that gave up
 
 	mu   sync.Mutex          // guards busy, idle and every queue's fields
 	busy map[*queue]struct{} // the queues that have tasks queued or running
@@ -64,7 +64,7 @@ func NewHandler(next http.Handler) *Handler {
 	if next == nil {
 		panic("background: NewHandler called with a nil handler")
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancelCause(context.Background())
 	return &Handler{next: next, ctx: ctx, cancel: cancel, busy: make(map[*queue]struct{})}
 }
 
@@ -110,8 +110,9 @@ func (h *Handler) logDropped(q *queue, n int, reason string) {
 }
 
 // Shutdown waits for every queued and running task, including those that
-// requests still being served add meanwhile, and returns nil once they have
-// all finished. If ctx ends first, Shutdown cancels the context of the running
+// requests still being served add meanwhile, and returns once they have all
+// finished: nil, unless some Shutdown gave up earlier or meanwhile, and tasks
+// were lost; then it returns that Shutdown's error. If ctx ends first, Shutdown cancels the context of the running
 // tasks, drops the queued ones, logs one line saying how many of each, and
 // returns ctx.Err() without waiting further. A canceled task that returns
 // that cancellation (context.Canceled, wrapped or not) is not logged again;
@@ -127,7 +128,7 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 	h.mu.Lock()
 	if len(h.busy) == 0 {
 		h.mu.Unlock()
-		return nil
+		return context.Cause(h.ctx) // nil unless a Shutdown gave up
 	}
 	if h.idle == nil {
 		h.idle = make(chan struct{})
@@ -137,16 +138,16 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 
 	select {
 	case <-idle:
-		return nil
+		return context.Cause(h.ctx)
 	case <-ctx.Done():
 	}
 
 	h.mu.Lock()
 	if len(h.busy) == 0 { // finished just as ctx ended
 		h.mu.Unlock()
-		return nil
+		return context.Cause(h.ctx)
 	}
-	h.cancel()
+	h.cancel(ctx.Err())
 	dropped, running := 0, 0
 	for q := range h.busy {
 		dropped += len(q.tasks)
