@@ -63,8 +63,11 @@ func FromContext(ctx context.Context) *Tasks {
 // from Starlette on purpose: there, the first exception skips the rest.
 //
 // Add after the request's tasks have all finished still runs task, at once,
-// and Shutdown waits for it. A task added after the handler panicked, or after
-// Shutdown's deadline passed, is dropped with a log line. Add panics if t is
+// and Shutdown waits for it. So does Add from a request that was in flight
+// when a Shutdown returned, from a goroutine left behind by
+// http.TimeoutHandler say; that Shutdown did not wait for the task, so it is
+// logged. A task added after the handler panicked, or after Shutdown's
+// deadline passed, is dropped with a log line. Add panics if t is
 // nil (the request was not served through NewHandler) or task is nil.
 func (t *Tasks) Add(task func(ctx context.Context) error) {
 	if t == nil || t.q == nil {
@@ -76,11 +79,12 @@ func (t *Tasks) Add(task func(ctx context.Context) error) {
 	t.q.h.add(t.q, queuedTask{run: task, ctx: &t.ctx})
 }
 
-// queue is one request's tasks and where they stand. Its first three fields
+// queue is one request's tasks and where they stand. Its first four fields
 // never change; h.mu guards the rest.
 type queue struct {
 	h            *Handler
 	method, path string // for log lines
+	drains       int64  // h.drains as the request arrived
 
 	tasks     []queuedTask  // waiting to run, in order
 	first     [1]queuedTask // the memory for tasks, until a second task needs more
@@ -98,7 +102,7 @@ type queuedTask struct {
 func (h *Handler) add(q *queue, t queuedTask) {
 	h.mu.Lock()
 	var dropped string
-	start := false
+	start, unseen := false, false
 	switch {
 	case q.discarded:
 		dropped = "the handler panicked"
@@ -111,8 +115,13 @@ func (h *Handler) add(q *queue, t queuedTask) {
 		q.tasks = append(q.tasks, t)
 		h.track(q)
 		start = h.startLocked(q)
+		unseen = q.drains != h.drains.Load() // a Shutdown has returned since the request arrived
 	}
 	h.mu.Unlock()
+	if unseen {
+		h.logger().Warn("background: task added after Shutdown returned; it runs, but that Shutdown did not wait for it",
+			"method", q.method, "path", q.path)
+	}
 	if start {
 		go h.run(q)
 	}

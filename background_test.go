@@ -1306,6 +1306,33 @@ func TestShutdownReturnsNilOnlyIfNoTaskWasLost(t *testing.T) {
 	}
 }
 
+func TestTaskAddedAfterShutdownReturnedRunsAndIsLogged(t *testing.T) {
+	release, ran := make(chan struct{}), make(chan struct{})
+	slow := func(w http.ResponseWriter, r *http.Request) {
+		receive(release) // still running when http.TimeoutHandler answers
+		addTask(r, func(context.Context) error { close(ran); return nil })
+	}
+	h, logs := wrap(t, http.TimeoutHandler(http.HandlerFunc(slow), time.Millisecond, "too slow").ServeHTTP)
+	srv := serve(t, h)
+	resp, err := srv.Client().Get(srv.URL + "/slow")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("got %s, want http.TimeoutHandler's 503", resp.Status)
+	}
+	if err := h.Shutdown(expired()); err != nil {
+		t.Fatalf("Shutdown with nothing to wait for = %v, want nil", err)
+	}
+
+	close(release)
+	await(t, ran, "the task added after Shutdown returned")
+	if rec := logs.find(t, "after Shutdown returned"); rec == nil || rec["path"] != "/slow" {
+		t.Errorf("the task added after Shutdown returned was logged as %v; want a record naming /slow", rec)
+	}
+}
+
 func TestShutdownIsSafeConcurrentlyAndRepeatedly(t *testing.T) {
 	const clients, requestsEach = 8, 12
 	var ran atomic.Int32

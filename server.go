@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // Handler is an http.Handler that runs the tasks its requests add (see
@@ -56,6 +57,11 @@ type Handler struct {
 	mu   sync.Mutex          // guards busy, idle and every queue's fields
 	busy map[*queue]struct{} // the queues that have tasks queued or running
 	idle chan struct{}       // closed when busy empties; nil unless Shutdown waits
+
+	// drains counts the times Shutdown found no task left, and so returned.
+	// It changes only with mu held, but ServeHTTP reads it without, to note
+	// in each queue when its request arrived.
+	drains atomic.Int64
 }
 
 // NewHandler returns a Handler that serves requests with next and runs the
@@ -72,7 +78,7 @@ func NewHandler(next http.Handler) *Handler {
 // then starts the request's tasks in a goroutine of their own. If the handler
 // panics, its tasks are discarded and the panic goes on up to net/http.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	q := &queue{h: h, method: r.Method, path: r.URL.Path}
+	q := &queue{h: h, method: r.Method, path: r.URL.Path, drains: h.drains.Load()}
 	rw := &responseWriter{rw: w, head: r.Method == http.MethodHead}
 	r2 := r.WithContext(context.WithValue(r.Context(), tasksKey{}, q))
 
@@ -127,6 +133,7 @@ func (h *Handler) logDropped(q *queue, n int, reason string) {
 func (h *Handler) Shutdown(ctx context.Context) error {
 	h.mu.Lock()
 	if len(h.busy) == 0 {
+		h.drains.Add(1)
 		h.mu.Unlock()
 		return context.Cause(h.ctx) // nil unless a Shutdown gave up
 	}
@@ -172,6 +179,7 @@ func (h *Handler) track(q *queue) {
 	}
 	delete(h.busy, q)
 	if len(h.busy) == 0 && h.idle != nil {
+		h.drains.Add(1)
 		close(h.idle)
 		h.idle = nil
 	}
