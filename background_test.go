@@ -1879,6 +1879,85 @@ func TestShutdownSumsUpTheCancellationsItCausesInOneLine(t *testing.T) {
 	}
 }
 
+// The differences from net/http that Handler's doc lists.
+
+func TestMiddlewareOutsideWrapperSeesNoPattern(t *testing.T) {
+	type seen struct{ pattern, email string }
+	outside, inside := make(chan seen, 1), make(chan seen, 1)
+	record := func(ch chan seen, next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			next.ServeHTTP(w, r)
+			ch <- seen{r.Pattern, r.PathValue("email")} // as logging middleware does
+		})
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /send-notification/{email}", func(w http.ResponseWriter, r *http.Request) {})
+	h, _ := wrap(t, record(inside, mux).ServeHTTP)
+	srv := serve(t, record(outside, h))
+	resp, err := srv.Client().Post(srv.URL+"/send-notification/ada@example.com", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	want := seen{"POST /send-notification/{email}", "ada@example.com"}
+	if got := await(t, inside, "the middleware inside"); got != want {
+		t.Errorf("middleware inside the wrapper saw %+v, want %+v", got, want)
+	}
+	if got := await(t, outside, "the middleware outside"); got != (seen{}) {
+		t.Errorf("middleware outside the wrapper saw %+v; the doc says it sees neither", got)
+	}
+}
+
+func TestPanicAfterWritingSendsNoneOfTheHeldBackBody(t *testing.T) {
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Write(make([]byte, 8<<10)) // without the wrapper, some of it would be on its way
+		panic(http.ErrAbortHandler)
+	})
+	srv := serve(t, h)
+	got := rawExchange(t, srv.Listener.Addr().String(), "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+	if got != "" {
+		t.Errorf("the client got %d bytes (%.40q...); the doc says it gets none", len(got), got)
+	}
+}
+
+func TestUnflushedBodyIsHeldBackUntilHandlerReturns(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wire := &wireLog{Listener: ln}
+	wrote, looked := make(chan struct{}), make(chan struct{})
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		for i := 0; i < 8; i++ { // a slow stream, 1 KiB at a time, never flushed
+			w.Write(make([]byte, 1<<10))
+		}
+		close(wrote)
+		receive(looked)
+	})
+	srv := httptest.NewUnstartedServer(h)
+	srv.Listener = wire
+	srv.Start()
+	defer srv.Close()
+	srv.Client().Timeout = failSafe
+
+	bodies := make(chan string, 1)
+	go func() {
+		body, err := tryGet(srv.Client(), srv.URL)
+		if err != nil {
+			body = err.Error()
+		}
+		bodies <- body
+	}()
+	await(t, wrote, "the handler to write")
+	if sent := wire.sent(); len(sent) != 0 {
+		t.Errorf("%d bytes reached the wire while the handler ran; the doc says none until it returns", len(sent))
+	}
+	close(looked)
+	if body := await(t, bodies, "the response"); len(body) != 8<<10 {
+		t.Errorf("then the client got %d bytes, want %d", len(body), 8<<10)
+	}
+}
+
 // --- Fuzzing ---
 
 // runOps plays ops as a handler's calls on w. Each byte is one call: its low

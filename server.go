@@ -19,8 +19,10 @@ import (
 
 // Handler is an http.Handler that runs the tasks its requests add (see
 // [Tasks.Add]) after their responses have been sent. Make one with NewHandler;
-// it must not be copied. The outermost position is the usual place for it, so
-// that every handler inside can add tasks.
+// it must not be copied. Put it outermost, around the mux and all middleware:
+// only handlers inside it can add tasks, and middleware outside it sees
+// neither r.Pattern nor r.PathValue, which the mux sets on the request the
+// wrapper passes on (a copy, as net/http asks of wrappers).
 //
 // How the response is sent: a body written without a Content-Length header is
 // held back, up to 64 KiB, and sent with a Content-Length once the handler
@@ -31,20 +33,29 @@ import (
 // then. The client never waits for a task either way. Over HTTP/2, the end of
 // the stream is likewise sent as ServeHTTP returns.
 //
-// A 413 response closes the connection, as net/http's own writer does
-// when http.MaxBytesReader trips; otherwise net/http would first wait for
-// the rest of a body that a stalled client never sends. Through the
-// wrapper, net/http cannot see the trip itself, so a handler that answers a
-// too-large body with another status should set "Connection: close".
+// Holding back has two costs. A handler that writes a body slowly, without
+// flushing, gets it to the client only when it returns or passes 64 KiB, and
+// learns late that the client has gone: handlers that stream should Flush.
+// And a handler that panics sends none of what it held back: the client sees
+// the connection close with no response, and Go's http.Transport may then
+// retry an idempotent request, which runs the handler twice. (Without the
+// wrapper, net/http would have sent the part it had flushed, from about 2 KiB
+// on.)
+//
+// A 413 response closes the connection, as net/http's own writer does when
+// http.MaxBytesReader trips; otherwise net/http would first wait for the rest
+// of a body that a stalled client never sends. Through the wrapper, net/http
+// cannot see the trip itself, so a handler that answers a too-large body with
+// another status should set "Connection: close".
 //
 // The response writer passed to the handler implements http.Flusher,
-// and http.Hijacker, and unwraps (for http.ResponseController) to the server's own,
-// so deadlines and full duplex work as without the wrapper. It does not
-// implement http.Pusher or the deprecated http.CloseNotifier. Each response
-// gets a writer of its own. Once the handler has returned, its writer is cut
-// off from the response: if a task kept it by mistake, Header returns a map
-// that nothing sends, Write returns an error, and WriteHeader and Flush do
-// nothing.
+// http.Hijacker and io.ReaderFrom (through which http.FileServer still gets
+// sendfile), and unwraps (for http.ResponseController) to the server's own, so
+// deadlines and full duplex work as without the wrapper. It does not implement
+// http.Pusher or the deprecated http.CloseNotifier. Each response gets a
+// writer of its own, and once the handler has returned, that writer is cut off
+// from the response: if a task kept it by mistake, Header returns a map that
+// nothing sends, Write returns an error, and WriteHeader and Flush do nothing.
 type Handler struct {
 	// Logger receives failed and panicking tasks and dropped ones.
 	// If nil, slog.Default() at the moment of logging is used.
