@@ -128,13 +128,13 @@ func (h *Handler) logDropped(q *queue, n int, reason string) {
 
 // Shutdown waits for every queued and running task, including those that
 // requests still being served add meanwhile, and returns once they have all
-// finished: nil, unless some Shutdown gave up earlier or meanwhile, and tasks
-// were lost; then it returns that Shutdown's error. If ctx ends first, Shutdown cancels the context of the running
-// tasks, drops the queued ones, logs one line saying how many of each, and
-// returns ctx.Err() without waiting further. A canceled task that returns
-// that cancellation (context.Canceled, wrapped or not) is not logged again;
-// any other error it returns is. From then on, tasks added are dropped, each
-// with a log line.
+// finished: nil if no task was lost, and otherwise the error of the Shutdown
+// that gave up, earlier or meanwhile. If ctx ends first, Shutdown gives up:
+// it cancels the context of the running tasks, drops the queued ones, logs
+// one line saying how many of each, and returns ctx.Err() without waiting
+// further. A canceled task that returns that cancellation (context.Canceled,
+// wrapped or not) is not logged again; any other error it returns is. From
+// then on, tasks added are dropped, each with a log line.
 //
 // http.Server.Shutdown knows nothing of the goroutines that run tasks, so
 // shutting down takes two steps: first http.Server.Shutdown, which stops new
@@ -313,37 +313,31 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 }
 
 // ReadFrom implements io.ReaderFrom, which is how io.Copy, and with it
-// http.FileServer and http.ServeContent, reach net/http's sendfile. Until the
-// response streams, src is read into the held-back body, like Write's bytes;
-// from then on, or at once if the handler set a Content-Length, src goes
-// straight to the server's writer.
+// http.FileServer and http.ServeContent, reach net/http's sendfile. Once the
+// response streams, or at once if the handler set a Content-Length, src goes
+// straight to the server's writer. Until then, src is read into the spare
+// room of the held-back body and written from there, so that Write decides,
+// as for any other bytes, whether to hold them back.
 func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
 	if w.hijacked {
 		return 0, http.ErrHijacked
 	}
-	if w.status == 0 {
-		w.WriteHeader(http.StatusOK)
-	}
 	var n int64
 	for !w.sent {
-		// Read one byte past maxBuffered at most: that byte says the body
-		// is too long to hold back.
-		if len(w.body) == cap(w.body) {
-			w.body = slices.Grow(w.body, 512)
-		}
-		m, err := src.Read(w.body[len(w.body):min(cap(w.body), maxBuffered+1)])
-		w.body = w.body[:len(w.body)+m]
+		w.body = slices.Grow(w.body, 512)
+		p := w.body[len(w.body):cap(w.body)]
+		m, err := src.Read(p)
 		n += int64(m)
-		if err != nil {
-			if err == io.EOF {
-				err = nil
-			}
-			return n, err
-		}
-		if len(w.body) > maxBuffered {
-			if err := w.send(-1); err != nil {
+		if m > 0 {
+			if _, err := w.Write(p[:m]); err != nil {
 				return n, err
 			}
+		}
+		if err == io.EOF {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
 		}
 	}
 	m, err := io.Copy(w.rw, src)
