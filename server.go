@@ -2,6 +2,7 @@ package background
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,7 +11,6 @@ import (
 	"maps"
 	"net"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -65,6 +65,8 @@ type Handler struct {
 	ctx    context.Context         // the cancellation every task sees; ended by Shutdown
 	cancel context.CancelCauseFunc // ends ctx, with the error of the Shutdown that gave up
 
+	buffers sync.Pool // of *bytes.Buffer, for held-back bodies: only the wrapper holds them
+
 	mu   sync.Mutex          // guards busy, idle and every queue's fields
 	busy map[*queue]struct{} // the queues that have tasks queued or running
 	idle chan struct{}       // closed when busy empties; nil unless Shutdown waits
@@ -90,7 +92,7 @@ func NewHandler(next http.Handler) *Handler {
 // panics, its tasks are discarded and the panic goes on up to net/http.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	q := &queue{h: h, method: r.Method, path: r.URL.Path, drains: h.drains.Load()}
-	rw := &responseWriter{rw: w, head: r.Method == http.MethodHead}
+	rw := &responseWriter{rw: w, head: r.Method == http.MethodHead, buffers: &h.buffers}
 	r2 := r.WithContext(context.WithValue(r.Context(), tasksKey{}, q))
 
 	responded := false
@@ -220,14 +222,15 @@ const maxBuffered = 64 << 10
 // 204 and 304, and those whose handler sets Content-Length, Transfer-Encoding
 // or trailers. So does any response once flushed or past maxBuffered bytes.
 type responseWriter struct {
-	rw   http.ResponseWriter // the server's, until detach
-	head bool                // a HEAD request: net/http sends no body
+	rw      http.ResponseWriter // the server's, until detach
+	head    bool                // a HEAD request: net/http sends no body
+	buffers *sync.Pool          // the Handler's, where body comes from and goes back to
 
-	status   int         // the handler's status, or 0 before WriteHeader
-	header   http.Header // a copy of the headers as they were at WriteHeader, while held back
-	body     []byte      // the held-back body
-	sent     bool        // status and headers have gone to rw, so writes pass through
-	hijacked bool        // the handler took the connection: write nothing more
+	status   int           // the handler's status, or 0 before WriteHeader
+	header   http.Header   // a copy of the headers as they were at WriteHeader, while held back
+	body     *bytes.Buffer // the held-back body; nil until held returns it
+	sent     bool          // status and headers have gone to rw, so writes pass through
+	hijacked bool          // the handler took the connection: write nothing more
 }
 
 var (
@@ -302,14 +305,25 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	if w.sent {
 		return w.rw.Write(p)
 	}
-	if len(w.body)+len(p) > maxBuffered {
+	if w.held().Len()+len(p) > maxBuffered {
 		if err := w.send(-1); err != nil {
 			return 0, err
 		}
 		return w.rw.Write(p)
 	}
-	w.body = append(w.body, p...)
-	return len(p), nil
+	return w.body.Write(p)
+}
+
+// held returns the buffer of the held-back body, taking one from the pool
+// the first time.
+func (w *responseWriter) held() *bytes.Buffer {
+	if w.body == nil {
+		w.body, _ = w.buffers.Get().(*bytes.Buffer)
+		if w.body == nil {
+			w.body = new(bytes.Buffer)
+		}
+	}
+	return w.body
 }
 
 // ReadFrom implements io.ReaderFrom, which is how io.Copy, and with it
@@ -324,8 +338,9 @@ func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
 	}
 	var n int64
 	for !w.sent {
-		w.body = slices.Grow(w.body, 512)
-		p := w.body[len(w.body):cap(w.body)]
+		w.held().Grow(512)
+		p := w.body.AvailableBuffer()
+		p = p[:cap(p)]
 		m, err := src.Read(p)
 		n += int64(m)
 		if m > 0 {
@@ -368,11 +383,11 @@ func (w *responseWriter) send(length int) error {
 		h.Set("Content-Length", strconv.Itoa(length))
 	}
 	w.rw.WriteHeader(w.status)
-	if len(w.body) == 0 {
+	if w.body == nil || w.body.Len() == 0 {
 		return nil
 	}
-	_, err := w.rw.Write(w.body)
-	w.body = nil
+	_, err := w.rw.Write(w.body.Bytes())
+	w.body.Reset()
 	return err
 }
 
@@ -423,7 +438,7 @@ func (w *responseWriter) finish() {
 	if !w.sent {
 		// Like net/http, give a HEAD response a length only if the handler
 		// wrote a body: an empty one may just mean it skipped the body.
-		length := len(w.body)
+		length := w.held().Len()
 		if length == 0 && w.head {
 			length = -1
 		}
@@ -437,7 +452,18 @@ func (w *responseWriter) finish() {
 // closure say, and net/http finishes its own writer as ServeHTTP returns and
 // then reuses its buffers for other connections: nothing may reach it from
 // a task, which runs meanwhile.
-func (w *responseWriter) detach() { w.rw = detachedWriter{header: make(http.Header)} }
+//
+// The held-back body's buffer goes back to the pool here. It was never w
+// itself, which a handler can keep, but memory that only w held, and by now
+// its bytes have been sent, or discarded after a panic.
+func (w *responseWriter) detach() {
+	if w.body != nil {
+		w.body.Reset()
+		w.buffers.Put(w.body)
+		w.body = nil
+	}
+	w.rw = detachedWriter{header: make(http.Header)}
+}
 
 // detachedWriter stands in for the server's writer after detach: its header
 // map is its own, nothing sends it, and nothing can be written.
