@@ -1100,14 +1100,18 @@ func TestHijackedConnectionStillRunsTasks(t *testing.T) {
 }
 
 func TestWriteAfterHijackFailsAsWithoutWrapper(t *testing.T) {
-	errs := make(chan error, 2)
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+	errs := make(chan error, 3)
+	ran := make(chan struct{})
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { close(ran); return nil })
 		conn, _, err := http.NewResponseController(w).Hijack()
 		if err != nil {
 			t.Errorf("Hijack through the wrapper: %v", err)
 			return
 		}
 		conn.Close()
+		_, _, err = http.NewResponseController(w).Hijack()
+		errs <- err
 		_, err = io.WriteString(w, "too late")
 		errs <- err
 		_, err = io.Copy(w, readerOnly{strings.NewReader("too late")}) // through ReadFrom
@@ -1117,10 +1121,14 @@ func TestWriteAfterHijackFailsAsWithoutWrapper(t *testing.T) {
 	if resp, err := srv.Client().Get(srv.URL); err == nil {
 		resp.Body.Close()
 	}
-	for _, call := range []string{"Write", "io.Copy"} {
+	for _, call := range []string{"a second Hijack", "Write", "io.Copy"} {
 		if err := await(t, errs, "the handler"); !errors.Is(err, http.ErrHijacked) {
 			t.Errorf("%s after Hijack returned %v; want http.ErrHijacked", call, err)
 		}
+	}
+	await(t, ran, "the task")
+	if rec := logs.find(t, "dropped"); rec != nil {
+		t.Errorf("the task was dropped: %v", rec)
 	}
 }
 

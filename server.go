@@ -417,7 +417,9 @@ func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		w.send(-1)
 	}
 	conn, brw, err := http.NewResponseController(w.rw).Hijack()
-	w.hijacked = err == nil
+	if err == nil {
+		w.hijacked = true // and a second Hijack, which fails, must not undo it
+	}
 	return conn, brw, err
 }
 
