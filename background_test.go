@@ -1887,6 +1887,39 @@ func TestShutdownSumsUpTheCancellationsItCausesInOneLine(t *testing.T) {
 	}
 }
 
+func TestTooLargeResponseKeepsAnHTTP2Connection(t *testing.T) {
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "too large", http.StatusRequestEntityTooLarge)
+	})
+	srv := httptest.NewUnstartedServer(h)
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	defer srv.Close()
+	srv.Client().Timeout = failSafe
+
+	conns := 0
+	trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+		if !info.Reused {
+			conns++
+		}
+	}}
+	for i := 0; i < 3; i++ {
+		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "GET", srv.URL, nil)
+		resp, err := srv.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.ProtoMajor != 2 || resp.StatusCode != http.StatusRequestEntityTooLarge {
+			t.Fatalf("got %s %s, want HTTP/2 and 413", resp.Proto, resp.Status)
+		}
+	}
+	if conns != 1 {
+		t.Errorf("three 413s over HTTP/2 took %d connections, want 1", conns)
+	}
+}
+
 // The differences from net/http that Handler's doc lists.
 
 func TestMiddlewareOutsideWrapperSeesNoPattern(t *testing.T) {

@@ -42,8 +42,8 @@ import (
 // wrapper, net/http would have sent the part it had flushed, from about 2 KiB
 // on.)
 //
-// A 413 response closes the connection, as net/http's own writer does when
-// http.MaxBytesReader trips; otherwise net/http would first wait for the rest
+// A 413 response over HTTP/1 closes the connection, as net/http's own writer
+// does when http.MaxBytesReader trips; otherwise net/http would first wait for the rest
 // of a body that a stalled client never sends. Through the wrapper, net/http
 // cannot see the trip itself, so a handler that answers a too-large body with
 // another status should set "Connection: close".
@@ -92,7 +92,7 @@ func NewHandler(next http.Handler) *Handler {
 // panics, its tasks are discarded and the panic goes on up to net/http.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	q := &queue{h: h, method: r.Method, path: r.URL.Path, drains: h.drains.Load()}
-	rw := &responseWriter{rw: w, head: r.Method == http.MethodHead, buffers: &h.buffers}
+	rw := &responseWriter{rw: w, head: r.Method == http.MethodHead, http1: r.ProtoMajor == 1, buffers: &h.buffers}
 	r2 := r.WithContext(context.WithValue(r.Context(), tasksKey{}, q))
 
 	responded := false
@@ -224,6 +224,7 @@ const maxBuffered = 64 << 10
 type responseWriter struct {
 	rw      http.ResponseWriter // the server's, until detach
 	head    bool                // a HEAD request: net/http sends no body
+	http1   bool                // an HTTP/1.x request: see WriteHeader's 413
 	buffers *sync.Pool          // the Handler's, where body comes from and goes back to
 
 	status   int           // the handler's status, or 0 before WriteHeader
@@ -259,12 +260,13 @@ func (w *responseWriter) WriteHeader(code int) {
 	}
 	w.status = code
 	h := w.rw.Header()
-	if code == http.StatusRequestEntityTooLarge {
+	if code == http.StatusRequestEntityTooLarge && w.http1 {
 		// When http.MaxBytesReader trips, net/http closes the connection
 		// after the response instead of first reading the rest of the body,
 		// which a stalled client would never send. It learns of the trip
 		// only through its own writer, not this one, so say it here: 413 is
-		// what handlers answer then.
+		// what handlers answer then. (HTTP/2 reads no body before it
+		// answers; there, the header would close every stream's connection.)
 		h.Set("Connection", "close")
 	}
 	if mayAddLength(code, h) {
