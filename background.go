@@ -54,9 +54,13 @@ func FromContext(ctx context.Context) *Tasks {
 // those already queued. Add is safe to call from any goroutine.
 //
 // The task's ctx carries the values of the context given to FromContext, but
-// not its cancellation: the request's context ends with the handler, and the
-// task has not even started by then. The task's ctx is canceled only when
-// [Handler.Shutdown] stops waiting.
+// not its cancellation: net/http cancels the request's context as ServeHTTP
+// returns, just as the tasks start. The task's ctx is canceled only when
+// [Handler.Shutdown] stops waiting. Likewise, a task should capture what it
+// needs from the request (a string, an ID, the bytes of an upload), not r, w
+// or w's Header map: by the time it runs, w is cut off from the response,
+// uploaded files (r.MultipartForm) are removed, and net/http may still be
+// reading the Header map as it finishes the response.
 //
 // A task's error, or its panic with the stack, is logged with the request's
 // method and path, and the request's remaining tasks still run. This differs
@@ -198,7 +202,7 @@ func (h *Handler) runTask(q *queue, t queuedTask) {
 // taskContext is the context a task runs with: the values of the context
 // given to FromContext, with the cancellation of its Handler. It cannot
 // simply be the request's context: net/http cancels that as ServeHTTP
-// returns, which is before any task starts.
+// returns, just as the tasks start.
 type taskContext struct {
 	context.Context                 // the Handler's: Deadline, Done and Err
 	values          context.Context // the request's, through WithoutCancel

@@ -11,6 +11,7 @@ import (
 	"io"
 	"log"
 	"log/slog"
+	"mime/multipart"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -1884,6 +1885,44 @@ func TestShutdownSumsUpTheCancellationsItCausesInOneLine(t *testing.T) {
 	}
 	if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["running"] != float64(requests+1) {
 		t.Errorf("Shutdown's line is %v; want it to count %d running tasks", rec, requests+1)
+	}
+}
+
+func TestUploadedFilesAreRemovedBeforeTasksStart(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("TMPDIR", dir) // where mime/multipart keeps uploads too large for memory
+	files := func() int {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			t.Error(err)
+		}
+		return len(entries)
+	}
+	inHandler, inTask := make(chan int, 1), make(chan int, 1)
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		if err := r.ParseMultipartForm(1 << 10); err != nil { // larger files go to disk
+			t.Error(err)
+		}
+		inHandler <- files()
+		addTask(r, func(context.Context) error { inTask <- files(); return nil })
+	})
+	srv := serve(t, h)
+
+	var body bytes.Buffer
+	form := multipart.NewWriter(&body)
+	part, _ := form.CreateFormFile("upload", "big.bin")
+	part.Write(make([]byte, 100<<10))
+	form.Close()
+	resp, err := srv.Client().Post(srv.URL, form.FormDataContentType(), &body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if n := await(t, inHandler, "the handler"); n != 1 {
+		t.Fatalf("the handler saw %d files in TMPDIR, want its upload", n)
+	}
+	if n := await(t, inTask, "the task"); n != 0 {
+		t.Errorf("the task saw %d files in TMPDIR; want the upload removed, as net/http does without the wrapper", n)
 	}
 }
 

@@ -56,6 +56,8 @@ import (
 // writer of its own, and once the handler has returned, that writer is cut off
 // from the response: if a task kept it by mistake, Header returns a map that
 // nothing sends, Write returns an error, and WriteHeader and Flush do nothing.
+// The temporary files of a multipart form that the handler parsed are
+// removed then too, as net/http does once the response is sent.
 type Handler struct {
 	// Logger receives failed and panicking tasks and dropped ones.
 	// If nil, slog.Default() at the moment of logging is used.
@@ -105,6 +107,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.next.ServeHTTP(rw, r2)
 	rw.finish() // the whole response, on its way to the client...
 	rw.detach() // ...out of reach of a task that kept the handler's w...
+	if r2.MultipartForm != nil {
+		// ...and uploads' temporary files removed: net/http removes only
+		// those of a form parsed on its own request, not on this copy. A
+		// task that needs an upload gets it from the handler, not from r...
+		r2.MultipartForm.RemoveAll()
+	}
 	responded = true
 	h.respond(q) // ...before any task starts
 }
