@@ -1286,7 +1286,7 @@ func TestShutdownReturnsNilOnlyIfNoTaskWasLost(t *testing.T) {
 	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		addTask(r, func(context.Context) error {
 			close(started)
-			<-release // ignores ctx: Shutdown waits for it all the same
+			receive(release) // ignores ctx: Shutdown waits for it all the same
 			return nil
 		})
 		addTask(r, func(context.Context) error { return nil }) // queued behind it
@@ -1339,6 +1339,64 @@ func TestTaskAddedAfterShutdownReturnedRunsAndIsLogged(t *testing.T) {
 	await(t, ran, "the task added after Shutdown returned")
 	if rec := logs.find(t, "after Shutdown returned"); rec == nil || rec["path"] != "/slow" {
 		t.Errorf("the task added after Shutdown returned was logged as %v; want a record naming /slow", rec)
+	}
+}
+
+func TestShutdownSumsUpTheCancellationsItCausesInOneLine(t *testing.T) {
+	const requests, clients = 300, 8
+	var started sync.WaitGroup
+	started.Add(requests + 1)
+	allStarted := make(chan struct{})
+	go func() { started.Wait(); close(allStarted) }()
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/own-cancellation": // not Shutdown's: logged
+			addTask(r, func(ctx context.Context) error {
+				ctx, cancel := context.WithCancel(ctx)
+				cancel()
+				return ctx.Err()
+			})
+		case "/other-error": // after Shutdown's cancellation, but not it: logged
+			addTask(r, func(ctx context.Context) error {
+				started.Done()
+				<-ctx.Done()
+				return errors.New("mail server said no")
+			})
+		default: // Shutdown's cancellation, as such or wrapped: counted, not logged
+			addTask(r, func(ctx context.Context) error {
+				started.Done()
+				<-ctx.Done()
+				if requestID(r)%2 == 0 {
+					return ctx.Err()
+				}
+				return fmt.Errorf("sending mail: %w", ctx.Err())
+			})
+		}
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL+"/own-cancellation")
+	get(t, srv.Client(), srv.URL+"/other-error")
+	getEach(t, srv, requests, clients)
+	await(t, allStarted, "every task to start")
+	h.Shutdown(expired())
+	shutdown(t, h) // wait for the canceled tasks to return
+
+	var msgs []string
+	for _, rec := range logs.records(t) {
+		msgs = append(msgs, fmt.Sprintf("%s %v", rec["msg"], rec["err"]))
+	}
+	slices.Sort(msgs)
+	want := []string{
+		"background: shutdown deadline passed; running tasks canceled, queued ones dropped <nil>",
+		"background: task failed context canceled",
+		"background: task failed mail server said no",
+	}
+	if !slices.Equal(msgs, want) {
+		t.Errorf("Shutdown canceled %d tasks, and the log had %d lines:\n%s\nwant:\n%s",
+			requests+1, len(msgs), strings.Join(msgs[:min(len(msgs), 10)], "\n"), strings.Join(want, "\n"))
+	}
+	if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["running"] != float64(requests+1) {
+		t.Errorf("Shutdown's line is %v; want it to count %d running tasks", rec, requests+1)
 	}
 }
 
@@ -1616,13 +1674,16 @@ func TestWriterKeptByTaskReachesNoOtherResponse(t *testing.T) {
 	uses := make(chan use, 1)      // passed on by /b's handler, once it has written
 	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/b" {
-			serving <- struct{}{}
+			select {
+			case serving <- struct{}{}:
+			case <-time.After(failSafe):
+			}
 			u, _ := receive(used)
 			io.WriteString(w, "b")
 			uses <- u
 			return
 		}
-		addTask(r, func(context.Context) (err error) {
+		addTask(r, func(context.Context) error {
 			var u use
 			defer func() { used <- u }()
 			receive(serving)
@@ -1828,64 +1889,6 @@ func TestMaxBytesHandlerAnswersAStalledClientAtOnce(t *testing.T) {
 		t.Errorf("got %s, Connection %q; want 413 and close", resp.Status, resp.Header.Get("Connection"))
 	}
 	await(t, ran, "the task")
-}
-
-func TestShutdownSumsUpTheCancellationsItCausesInOneLine(t *testing.T) {
-	const requests, clients = 300, 8
-	var started sync.WaitGroup
-	started.Add(requests + 1)
-	allStarted := make(chan struct{})
-	go func() { started.Wait(); close(allStarted) }()
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/own-cancellation": // not Shutdown's: logged
-			addTask(r, func(ctx context.Context) error {
-				ctx, cancel := context.WithCancel(ctx)
-				cancel()
-				return ctx.Err()
-			})
-		case "/other-error": // after Shutdown's cancellation, but not it: logged
-			addTask(r, func(ctx context.Context) error {
-				started.Done()
-				<-ctx.Done()
-				return errors.New("mail server said no")
-			})
-		default: // Shutdown's cancellation, as such or wrapped: counted, not logged
-			addTask(r, func(ctx context.Context) error {
-				started.Done()
-				<-ctx.Done()
-				if requestID(r)%2 == 0 {
-					return ctx.Err()
-				}
-				return fmt.Errorf("sending mail: %w", ctx.Err())
-			})
-		}
-	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL+"/own-cancellation")
-	get(t, srv.Client(), srv.URL+"/other-error")
-	getEach(t, srv, requests, clients)
-	await(t, allStarted, "every task to start")
-	h.Shutdown(expired())
-	shutdown(t, h) // wait for the canceled tasks to return
-
-	var msgs []string
-	for _, rec := range logs.records(t) {
-		msgs = append(msgs, fmt.Sprintf("%s %v", rec["msg"], rec["err"]))
-	}
-	slices.Sort(msgs)
-	want := []string{
-		"background: shutdown deadline passed; running tasks canceled, queued ones dropped <nil>",
-		"background: task failed context canceled",
-		"background: task failed mail server said no",
-	}
-	if !slices.Equal(msgs, want) {
-		t.Errorf("Shutdown canceled %d tasks, and the log had %d lines:\n%s\nwant:\n%s",
-			requests+1, len(msgs), strings.Join(msgs[:min(len(msgs), 10)], "\n"), strings.Join(want, "\n"))
-	}
-	if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["running"] != float64(requests+1) {
-		t.Errorf("Shutdown's line is %v; want it to count %d running tasks", rec, requests+1)
-	}
 }
 
 func TestUploadedFilesAreRemovedBeforeTasksStart(t *testing.T) {
