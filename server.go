@@ -43,10 +43,10 @@ import (
 // on.)
 //
 // A 413 response over HTTP/1 closes the connection, as net/http's own writer
-// does when http.MaxBytesReader trips; otherwise net/http would first wait for the rest
-// of a body that a stalled client never sends. Through the wrapper, net/http
-// cannot see the trip itself, so a handler that answers a too-large body with
-// another status should set "Connection: close".
+// does when http.MaxBytesReader trips; otherwise net/http would first wait
+// for the rest of a body that a stalled client never sends. Through the
+// wrapper, net/http cannot see the trip itself, so a handler that answers a
+// too-large body with another status should set "Connection: close".
 //
 // The response writer passed to the handler implements http.Flusher,
 // http.Hijacker and io.ReaderFrom (through which http.FileServer still gets
@@ -86,7 +86,8 @@ func NewHandler(next http.Handler) *Handler {
 		panic("background: NewHandler called with a nil handler")
 	}
 	ctx, cancel := context.WithCancelCause(context.Background())
-	return &Handler{next: next, ctx: ctx, cancel: cancel, busy: make(map[*queue]struct{})}
+	return &Handler{next: next, ctx: ctx, cancel: cancel, busy: make(map[*queue]struct{}),
+		buffers: sync.Pool{New: func() any { return new(bytes.Buffer) }}}
 }
 
 // ServeHTTP serves r with the wrapped handler, sends its whole response, and
@@ -94,7 +95,8 @@ func NewHandler(next http.Handler) *Handler {
 // panics, its tasks are discarded and the panic goes on up to net/http.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	q := &queue{h: h, method: r.Method, path: r.URL.Path, drains: h.drains.Load()}
-	rw := &responseWriter{rw: w, head: r.Method == http.MethodHead, http1: r.ProtoMajor == 1, buffers: &h.buffers}
+	rw := &responseWriter{rw: w, buffers: &h.buffers,
+		head: r.Method == http.MethodHead, http1: r.ProtoMajor == 1}
 	r2 := r.WithContext(context.WithValue(r.Context(), tasksKey{}, q))
 
 	responded := false
@@ -294,11 +296,9 @@ func mayAddLength(code int, h http.Header) bool {
 		return false // no body allowed
 	}
 	for k := range h {
-		switch {
-		case k == "Content-Length", k == "Transfer-Encoding":
+		// The handler's own framing, or trailers, which need a chunked body.
+		if k == "Content-Length" || k == "Transfer-Encoding" || k == "Trailer" || strings.HasPrefix(k, http.TrailerPrefix) {
 			return false
-		case k == "Trailer", strings.HasPrefix(k, http.TrailerPrefix):
-			return false // trailers need a chunked body
 		}
 	}
 	return true
@@ -328,10 +328,7 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 // the first time.
 func (w *responseWriter) held() *bytes.Buffer {
 	if w.body == nil {
-		w.body, _ = w.buffers.Get().(*bytes.Buffer)
-		if w.body == nil {
-			w.body = new(bytes.Buffer)
-		}
+		w.body = w.buffers.Get().(*bytes.Buffer)
 	}
 	return w.body
 }
