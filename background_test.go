@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log"
@@ -23,6 +24,7 @@ import (
 	"regexp"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -116,6 +118,20 @@ func ExampleHandler_Shutdown() {
 }
 
 // --- Helpers ---
+
+// serveModes, if set, makes the test binary serve BenchmarkLoopback's modes on
+// that address instead of testing, for a load generator in another process
+// to measure: see README's benchmark section.
+var serveModes = flag.String("serve", "", "serve BenchmarkLoopback's modes on this `address` instead of testing")
+
+func TestMain(m *testing.M) {
+	flag.Parse()
+	if *serveModes != "" {
+		h, _ := loopbackServer()
+		log.Fatal(http.ListenAndServe(*serveModes, h))
+	}
+	os.Exit(m.Run())
+}
 
 // logBuffer collects a Handler's log records.
 type logBuffer struct {
@@ -2186,69 +2202,108 @@ func BenchmarkUnsizedBody(b *testing.B) {
 	b.Run("wrapped", func(b *testing.B) { benchmarkServe(b, background.NewHandler(http.HandlerFunc(write))) })
 }
 
-// BenchmarkLoopback serves the tutorial's reply over real keep-alive
-// connections on 127.0.0.1, four ways: bare (no task at all), with a
-// hand-rolled go statement per task, through background, and with the task
-// run inline after a Flush, the trap this package exists to avoid. Each
-// reports requests per second and the client's median and p99 latency, once
-// with a no-op task and once with a task that sleeps 200 ms.
+// BenchmarkLoopback serves a short JSON reply over 32 keep-alive connections
+// on 127.0.0.1, in the five ways loopbackServer lists, each with a no-op task
+// and with a task that sleeps 200 ms. It reports requests per second and the
+// client's median and p99 latency.
+//
+// The client is as light as it can be, so that the server's cost shows: raw
+// connections that write a prebuilt request and read the response by its
+// status line and Content-Length. (A net/http client would spend most of the
+// machine's time itself.) For the same measure from another process, run the
+// server with -serve and a load generator such as wrk: see README.
 func BenchmarkLoopback(b *testing.B) {
-	reply := []byte(`{"message":"Notification sent successfully!"}`)
-	respond := func(w http.ResponseWriter) {
-		w.Header().Set("Content-Type", "application/json")
-		w.Write(reply)
-	}
-	for _, task := range []struct {
-		name string
-		run  func()
-	}{
-		{"noop", func() {}},
-		{"sleep200ms", func() { time.Sleep(200 * time.Millisecond) }},
-	} {
-		var tasks sync.WaitGroup // the go statements' tasks
-		handlers := []struct {
-			name string
-			h    http.Handler
-		}{
-			{"bare", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				respond(w)
-			})},
-			{"go-statement", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				tasks.Add(1)
-				go func() {
-					defer tasks.Done()
-					task.run()
-				}()
-				respond(w)
-			})},
-			{"background", background.NewHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				background.FromContext(r.Context()).Add(func(context.Context) error {
-					task.run()
-					return nil
-				})
-				respond(w)
-			}))},
-			{"inline-after-flush", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				respond(w)
-				w.(http.Flusher).Flush()
-				task.run()
-			})},
-		}
-		for _, h := range handlers {
-			b.Run(task.name+"/"+h.name, func(b *testing.B) {
-				benchmarkLoopback(b, h.h)
+	h, wait := loopbackServer()
+	addr := listenLoopback(b, h)
+	for _, task := range loopbackTasks {
+		for _, mode := range loopbackModes {
+			b.Run(task.name+"/"+mode, func(b *testing.B) {
+				benchmarkLoopback(b, addr, "/"+task.name+"/"+mode)
 				b.StopTimer()
-				tasks.Wait()
-				if h, ok := h.h.(*background.Handler); ok {
-					h.Shutdown(context.Background())
-				}
+				wait()
 			})
 		}
 	}
 }
 
-// loopbackClients is how many keep-alive connections each processor drives.
-const loopbackClients = 8
+// loopbackModes are the ways loopbackServer serves a request, fastest first:
+//   - bare: no task at all;
+//   - go-statement: go task(), which may run before the response is sent;
+//   - flush-then-go: the hand-rolled code with this package's promise: set
+//     Content-Length, write, Flush, then go task();
+//   - background: through this package;
+//   - inline-after-flush: as flush-then-go, but the task runs in the
+//     handler, so the connection's next request waits for it.
+//
+// The go statements go through a sync.WaitGroup, as they must in a server
+// that waits for its tasks when it shuts down.
+var loopbackModes = []string{"bare", "go-statement", "flush-then-go", "background", "inline-after-flush"}
+
+var loopbackTasks = []struct {
+	name string
+	run  func()
+}{
+	{"noop", func() {}},
+	{"sleep200ms", func() { time.Sleep(200 * time.Millisecond) }},
+}
+
+// loopbackServer returns a handler that serves each of loopbackTasks in each
+// of loopbackModes, at /noop/bare, /sleep200ms/background and so on, and a
+// function that waits until every task started so far has finished.
+func loopbackServer() (http.Handler, func()) {
+	reply := []byte(`{"message":"Notification sent successfully!"}`)
+	length := strconv.Itoa(len(reply))
+	respond := func(w http.ResponseWriter) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(reply)
+	}
+	flush := func(w http.ResponseWriter) {
+		w.Header().Set("Content-Length", length)
+		respond(w)
+		w.(http.Flusher).Flush()
+	}
+	var tasks sync.WaitGroup // the go statements' tasks
+	var handlers []*background.Handler
+	mux := http.NewServeMux()
+	for _, task := range loopbackTasks {
+		bg := background.NewHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			background.FromContext(r.Context()).Add(func(context.Context) error {
+				task.run()
+				return nil
+			})
+			respond(w)
+		}))
+		handlers = append(handlers, bg)
+		modes := map[string]http.HandlerFunc{
+			"bare": func(w http.ResponseWriter, r *http.Request) { respond(w) },
+			"go-statement": func(w http.ResponseWriter, r *http.Request) {
+				tasks.Go(task.run)
+				respond(w)
+			},
+			"flush-then-go": func(w http.ResponseWriter, r *http.Request) {
+				flush(w)
+				tasks.Go(task.run)
+			},
+			"background": bg.ServeHTTP,
+			"inline-after-flush": func(w http.ResponseWriter, r *http.Request) {
+				flush(w)
+				task.run()
+			},
+		}
+		for _, mode := range loopbackModes {
+			mux.Handle("/"+task.name+"/"+mode, modes[mode])
+		}
+	}
+	return mux, func() {
+		tasks.Wait()
+		for _, h := range handlers {
+			h.Shutdown(context.Background())
+		}
+	}
+}
+
+// loopbackConns is how many keep-alive connections carry the load.
+const loopbackConns = 32
 
 // listenLoopback serves h on a free port of 127.0.0.1 until the benchmark
 // ends, and returns its address.
@@ -2263,46 +2318,85 @@ func listenLoopback(b *testing.B, h http.Handler) string {
 	return ln.Addr().String()
 }
 
-func benchmarkLoopback(b *testing.B, h http.Handler) {
-	url := "http://" + listenLoopback(b, h) + "/send-notification/test@example.com"
-	transport := &http.Transport{MaxIdleConnsPerHost: loopbackClients * runtime.GOMAXPROCS(0)}
-	defer transport.CloseIdleConnections()
-	client := &http.Client{Transport: transport, Timeout: failSafe}
-
-	var mu sync.Mutex
-	var latencies []time.Duration
-	var failed atomic.Value // the first error, if any
-	b.SetParallelism(loopbackClients)
+// benchmarkLoopback GETs path b.N times in all over loopbackConns
+// connections to addr, each waiting for one response before it sends the
+// next request.
+func benchmarkLoopback(b *testing.B, addr, path string) {
+	request := []byte("GET " + path + " HTTP/1.1\r\nHost: " + addr + "\r\n\r\n")
+	conns := make([]net.Conn, loopbackConns)
+	for i := range conns {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer conn.Close()
+		conns[i] = conn
+	}
+	var claimed atomic.Int64 // requests sent or about to be, by all connections
+	latencies := make([][]time.Duration, len(conns))
+	errs := make(chan error, len(conns))
+	var clients sync.WaitGroup
 	b.ResetTimer()
 	start := time.Now()
-	b.RunParallel(func(pb *testing.PB) {
-		var mine []time.Duration
-		for pb.Next() {
-			sent := time.Now()
-			resp, err := client.Post(url, "application/json", strings.NewReader(`{}`))
-			if err == nil {
-				_, err = io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
+	for i, conn := range conns {
+		clients.Go(func() {
+			br := bufio.NewReader(conn)
+			for claimed.Add(1) <= int64(b.N) {
+				sent := time.Now()
+				conn.SetDeadline(sent.Add(failSafe))
+				_, err := conn.Write(request)
+				if err == nil {
+					err = readResponse(br)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+				latencies[i] = append(latencies[i], time.Since(sent))
 			}
-			if err != nil {
-				failed.CompareAndSwap(nil, err)
-				return
-			}
-			mine = append(mine, time.Since(sent))
-		}
-		mu.Lock()
-		latencies = append(latencies, mine...)
-		mu.Unlock()
-	})
+		})
+	}
+	clients.Wait()
 	elapsed := time.Since(start)
 	b.StopTimer()
-	if err, _ := failed.Load().(error); err != nil {
+	close(errs)
+	if err := <-errs; err != nil {
 		b.Fatal(err)
 	}
-	slices.Sort(latencies)
+	all := slices.Sorted(slices.Values(slices.Concat(latencies...)))
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "req/s")
-	b.ReportMetric(ms(latencies[len(latencies)/2]), "p50-ms")
-	b.ReportMetric(ms(latencies[len(latencies)*99/100]), "p99-ms")
+	b.ReportMetric(ms(all[len(all)/2]), "p50-ms")
+	b.ReportMetric(ms(all[len(all)*99/100]), "p99-ms")
+}
+
+// readResponse reads one response from br by its status line and
+// Content-Length, which must be there, and checks that it is a 200.
+func readResponse(br *bufio.Reader) error {
+	line, err := br.ReadSlice('\n')
+	if err != nil {
+		return err
+	}
+	if !bytes.HasPrefix(line, []byte("HTTP/1.1 200 ")) {
+		return fmt.Errorf("status line %q", line)
+	}
+	length := -1
+	for {
+		line, err := br.ReadSlice('\n')
+		if err != nil {
+			return err
+		}
+		if string(line) == "\r\n" { // the end of the header
+			break
+		}
+		if v, ok := bytes.CutPrefix(line, []byte("Content-Length: ")); ok {
+			length, _ = strconv.Atoi(string(bytes.TrimSpace(v)))
+		}
+	}
+	if length < 0 {
+		return errors.New("response without a Content-Length")
+	}
+	_, err = br.Discard(length)
+	return err
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
