@@ -90,11 +90,10 @@ type queue struct {
 	method, path string // for log lines
 	drains       int64  // h.drains as the request arrived
 
-	tasks     []queuedTask  // waiting to run, in order
-	first     [1]queuedTask // the memory for tasks, until a second task needs more
-	responded bool          // the response has been sent, so tasks may start
-	running   bool          // a goroutine is running the tasks
-	discarded bool          // the handler panicked, so tasks are dropped
+	tasks     []queuedTask // waiting to run, in order
+	responded bool         // the response has been sent, so tasks may start
+	running   bool         // a goroutine is running the tasks
+	discarded bool         // the handler panicked, so tasks are dropped
 }
 
 type queuedTask struct {
@@ -113,9 +112,6 @@ func (h *Handler) add(q *queue, t queuedTask) {
 	case h.ctx.Err() != nil:
 		dropped = "Shutdown's deadline has passed"
 	default:
-		if q.tasks == nil {
-			q.tasks = q.first[:0] // most requests add one task: it needs no allocation
-		}
 		q.tasks = append(q.tasks, t)
 		h.track(q)
 		start = h.startLocked(q)

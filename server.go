@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"maps"
 	"net"
 	"net/http"
 	"strconv"
@@ -32,6 +31,14 @@ import (
 // leave only as ServeHTTP returns, so its tasks may start a moment before
 // then. The client never waits for a task either way. Over HTTP/2, the end of
 // the stream is likewise sent as ServeHTTP returns.
+//
+// While the response is held back, net/http has not seen its header yet, so
+// two things differ from net/http alone. Header changes made after
+// WriteHeader (or the first Write) are sent, where net/http would ignore
+// them; Content-Length is the exception, as the wrapper sets it. And a trailer
+// named with http.TrailerPrefix only after the body was written is dropped,
+// as net/http itself drops one after a body of under 2 KiB: declare trailers
+// in the Trailer header before writing.
 //
 // Holding back has two costs. A handler that writes a body slowly, without
 // flushing, gets it to the client only when it returns or passes 64 KiB, and
@@ -238,7 +245,6 @@ type responseWriter struct {
 	buffers *sync.Pool          // the Handler's, where body comes from and goes back to
 
 	status   int           // the handler's status, or 0 before WriteHeader
-	header   http.Header   // a copy of the headers as they were at WriteHeader, while held back
 	body     *bytes.Buffer // the held-back body; nil until held returns it
 	sent     bool          // status and headers have gone to rw, so writes pass through
 	hijacked bool          // the handler took the connection: write nothing more
@@ -280,9 +286,6 @@ func (w *responseWriter) WriteHeader(code int) {
 		h.Set("Connection", "close")
 	}
 	if mayAddLength(code, h) {
-		// net/http sends the headers as they are at WriteHeader and ignores
-		// later changes, so send must send this copy.
-		w.header = h.Clone()
 		return // held back until finish, or until it must stream
 	}
 	w.sent = true
@@ -371,23 +374,12 @@ func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
 // streams.
 func (w *responseWriter) send(length int) error {
 	w.sent = true
-	// Undo header changes made since WriteHeader, which net/http would have
-	// ignored, but keep trailers, which it reads at the end. They need a
-	// chunked body: no length.
-	h := w.rw.Header()
-	for k := range h {
-		if _, ok := w.header[k]; ok {
-			continue
-		}
-		if strings.HasPrefix(k, http.TrailerPrefix) {
-			length = -1
-		} else {
-			delete(h, k)
-		}
-	}
-	maps.Copy(h, w.header)
 	if length >= 0 {
-		h.Set("Content-Length", strconv.Itoa(length))
+		w.rw.Header().Set("Content-Length", strconv.Itoa(length))
+	} else {
+		// Set after WriteHeader, or it would not be held back: net/http
+		// ignores it, and it may not match the body.
+		w.rw.Header().Del("Content-Length")
 	}
 	w.rw.WriteHeader(w.status)
 	if w.body == nil || w.body.Len() == 0 {
@@ -479,7 +471,7 @@ func (w *responseWriter) detach() {
 type detachedWriter struct{ header http.Header }
 
 func (d detachedWriter) Header() http.Header { return d.header }
-func (d detachedWriter) WriteHeader(int)     {}
-func (d detachedWriter) Write([]byte) (int, error) {
+func (detachedWriter) WriteHeader(int)       {}
+func (detachedWriter) Write([]byte) (int, error) {
 	return 0, errors.New("background: Write after the handler returned")
 }
