@@ -104,8 +104,7 @@ type queuedTask struct {
 // add queues t on q, or drops it with a log line if q can no longer run tasks.
 func (h *Handler) add(q *queue, t queuedTask) {
 	h.mu.Lock()
-	var dropped string
-	start, unseen := false, false
+	dropped := ""
 	switch {
 	case q.discarded:
 		dropped = "the handler panicked"
@@ -114,19 +113,15 @@ func (h *Handler) add(q *queue, t queuedTask) {
 	default:
 		q.tasks = append(q.tasks, t)
 		h.track(q)
-		start = h.startLocked(q)
-		unseen = q.drains != h.drains.Load() // a Shutdown has returned since the request arrived
+		h.startLocked(q)
 	}
+	unseen := dropped == "" && q.drains != h.drains.Load() // a Shutdown has returned since the request arrived
 	h.mu.Unlock()
-	if unseen {
+	if dropped != "" {
+		h.logger().Warn("background: tasks dropped", "count", 1, "reason", dropped, "method", q.method, "path", q.path)
+	} else if unseen {
 		h.logger().Warn("background: task added after Shutdown returned; it runs, but that Shutdown did not wait for it",
 			"method", q.method, "path", q.path)
-	}
-	if start {
-		go h.run(q)
-	}
-	if dropped != "" {
-		h.logDropped(q, 1, dropped)
 	}
 }
 
@@ -134,28 +129,21 @@ func (h *Handler) add(q *queue, t queuedTask) {
 func (h *Handler) respond(q *queue) {
 	h.mu.Lock()
 	q.responded = true
-	start := h.startLocked(q)
+	h.startLocked(q)
 	h.mu.Unlock()
-	if start {
-		go h.run(q)
-	}
 }
 
-// startLocked reports whether the caller must start a goroutine to run q's
-// tasks: there are some to run, and no goroutine runs them yet. It marks q as
-// running, so that only one caller does. h.mu must be held; the go statement
-// comes after unlocking it, to keep other requests waiting for h.mu no longer
-// than needed.
+// startLocked starts a goroutine to run q's tasks, if there are some to run
+// and none runs them yet. h.mu must be held.
 //
 // The goroutine is what keeps the client and its connection free: net/http
 // reads the next request on a keep-alive connection only after ServeHTTP has
 // returned, so tasks run inside ServeHTTP would hold up that request.
-func (h *Handler) startLocked(q *queue) bool {
+func (h *Handler) startLocked(q *queue) {
 	if q.responded && !q.running && len(q.tasks) > 0 {
 		q.running = true
-		return true
+		go h.run(q)
 	}
-	return false
 }
 
 // run runs q's tasks one at a time until none are left.
@@ -189,8 +177,7 @@ func (h *Handler) runTask(q *queue, t queuedTask) {
 				"panic", v, "stack", string(debug.Stack()))
 		}
 	}()
-	err := t.run(t.ctx)
-	if err != nil && !(errors.Is(err, context.Canceled) && t.ctx.Err() != nil) {
+	if err := t.run(t.ctx); err != nil && !(errors.Is(err, context.Canceled) && t.ctx.Err() != nil) {
 		h.logger().Error("background: task failed", "method", q.method, "path", q.path, "err", err)
 	}
 }

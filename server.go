@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 )
@@ -35,10 +34,10 @@ import (
 // While the response is held back, net/http has not seen its header yet, so
 // two things differ from net/http alone. Header changes made after
 // WriteHeader (or the first Write) are sent, where net/http would ignore
-// them; Content-Length is the exception, as the wrapper sets it. And a trailer
-// named with http.TrailerPrefix only after the body was written is dropped,
-// as net/http itself drops one after a body of under 2 KiB: declare trailers
-// in the Trailer header before writing.
+// them; Content-Length is the exception, as the wrapper sets it. And trailers
+// named with http.TrailerPrefix are dropped, as net/http itself drops those
+// named after a body of under 2 KiB: declare trailers in the Trailer header
+// before writing.
 //
 // Holding back has two costs. A handler that writes a body slowly, without
 // flushing, gets it to the client only when it returns or passes 64 KiB, and
@@ -102,20 +101,20 @@ func NewHandler(next http.Handler) *Handler {
 // panics, its tasks are discarded and the panic goes on up to net/http.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	q := &queue{h: h, method: r.Method, path: r.URL.Path, drains: h.drains.Load()}
-	rw := &responseWriter{rw: w, buffers: &h.buffers,
+	rw := &responseWriter{rw: w, body: h.buffers.Get().(*bytes.Buffer),
 		head: r.Method == http.MethodHead, http1: r.ProtoMajor == 1}
 	r2 := r.WithContext(context.WithValue(r.Context(), tasksKey{}, q))
 
 	responded := false
 	defer func() {
 		if !responded { // a panic is on its way up to net/http
-			rw.detach()
+			h.buffers.Put(rw.detach())
 			h.discard(q)
 		}
 	}()
 	h.next.ServeHTTP(rw, r2)
-	rw.finish() // the whole response, on its way to the client...
-	rw.detach() // ...out of reach of a task that kept the handler's w...
+	rw.finish()                // the whole response, on its way to the client...
+	h.buffers.Put(rw.detach()) // ...out of reach of a task that kept the handler's w...
 	if r2.MultipartForm != nil {
 		// ...and uploads' temporary files removed: net/http removes only
 		// those of a form parsed on its own request, not on this copy. A
@@ -136,13 +135,8 @@ func (h *Handler) discard(q *queue) {
 	h.track(q)
 	h.mu.Unlock()
 	if n > 0 {
-		h.logDropped(q, n, "the handler panicked")
+		h.logger().Warn("background: tasks dropped", "count", n, "reason", "the handler panicked", "method", q.method, "path", q.path)
 	}
-}
-
-// logDropped logs that n of q's tasks will never run, and why.
-func (h *Handler) logDropped(q *queue, n int, reason string) {
-	h.logger().Warn("background: tasks dropped", "count", n, "reason", reason, "method", q.method, "path", q.path)
 }
 
 // Shutdown waits for every queued and running task, including those that
@@ -239,22 +233,15 @@ const maxBuffered = 64 << 10
 // 204 and 304, and those whose handler sets Content-Length, Transfer-Encoding
 // or trailers. So does any response once flushed or past maxBuffered bytes.
 type responseWriter struct {
-	rw      http.ResponseWriter // the server's, until detach
-	head    bool                // a HEAD request: net/http sends no body
-	http1   bool                // an HTTP/1.x request: see WriteHeader's 413
-	buffers *sync.Pool          // the Handler's, where body comes from and goes back to
+	rw    http.ResponseWriter // the server's, until detach
+	head  bool                // a HEAD request: net/http sends no body
+	http1 bool                // an HTTP/1.x request: see WriteHeader's 413
 
 	status   int           // the handler's status, or 0 before WriteHeader
-	body     *bytes.Buffer // the held-back body; nil until held returns it
+	body     *bytes.Buffer // the held-back body, from the Handler's pool; nil after detach
 	sent     bool          // status and headers have gone to rw, so writes pass through
 	hijacked bool          // the handler took the connection: write nothing more
 }
-
-var (
-	_ http.Flusher  = (*responseWriter)(nil)
-	_ http.Hijacker = (*responseWriter)(nil)
-	_ io.ReaderFrom = (*responseWriter)(nil)
-)
 
 // Header returns the server's header map: the handler and net/http share it,
 // as they do without the wrapper. After detach, it returns the stand-in's.
@@ -293,18 +280,14 @@ func (w *responseWriter) WriteHeader(code int) {
 }
 
 // mayAddLength reports whether a response may be sent with a Content-Length
-// of our making. These are the cases where net/http would not compute one.
+// of our making: it may have a body, and the handler has chosen no framing of
+// its own, nor declared trailers, which need a chunked body.
 func mayAddLength(code int, h http.Header) bool {
-	if code < 200 || code == http.StatusNoContent || code == http.StatusNotModified {
-		return false // no body allowed
-	}
-	for k := range h {
-		// The handler's own framing, or trailers, which need a chunked body.
-		if k == "Content-Length" || k == "Transfer-Encoding" || k == "Trailer" || strings.HasPrefix(k, http.TrailerPrefix) {
-			return false
-		}
-	}
-	return true
+	_, sized := h["Content-Length"]
+	_, encoded := h["Transfer-Encoding"]
+	_, trailers := h["Trailer"]
+	bodyless := code < 200 || code == http.StatusNoContent || code == http.StatusNotModified
+	return !sized && !encoded && !trailers && !bodyless
 }
 
 // Write holds p back if it fits, and otherwise starts streaming.
@@ -315,25 +298,13 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	if w.status == 0 {
 		w.WriteHeader(http.StatusOK)
 	}
+	if !w.sent && w.body.Len()+len(p) > maxBuffered {
+		w.send(-1)
+	}
 	if w.sent {
 		return w.rw.Write(p)
 	}
-	if w.held().Len()+len(p) > maxBuffered {
-		if err := w.send(-1); err != nil {
-			return 0, err
-		}
-		return w.rw.Write(p)
-	}
 	return w.body.Write(p)
-}
-
-// held returns the buffer of the held-back body, taking one from the pool
-// the first time.
-func (w *responseWriter) held() *bytes.Buffer {
-	if w.body == nil {
-		w.body = w.buffers.Get().(*bytes.Buffer)
-	}
-	return w.body
 }
 
 // ReadFrom implements io.ReaderFrom, which is how io.Copy, and with it
@@ -348,10 +319,9 @@ func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
 	}
 	var n int64
 	for !w.sent {
-		w.held().Grow(512)
+		w.body.Grow(512)
 		p := w.body.AvailableBuffer()
-		p = p[:cap(p)]
-		m, err := src.Read(p)
+		m, err := src.Read(p[:cap(p)])
 		n += int64(m)
 		if m > 0 {
 			if _, err := w.Write(p[:m]); err != nil {
@@ -369,10 +339,18 @@ func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
 	return n + m, err
 }
 
-// send passes the held-back status, headers and body on to rw, with a
-// Content-Length of length unless it is negative. From then on, the response
-// streams.
-func (w *responseWriter) send(length int) error {
+// send passes the held-back status, headers and body on to rw, unless they
+// have gone already, with a Content-Length of length unless it is negative.
+// A response without a status yet gets 200. From then on, the response
+// streams. A write error is left to the caller's next Write or Flush, which
+// sees it again: net/http's writer keeps failing once it has failed.
+func (w *responseWriter) send(length int) {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	if w.sent {
+		return
+	}
 	w.sent = true
 	if length >= 0 {
 		w.rw.Header().Set("Content-Length", strconv.Itoa(length))
@@ -382,26 +360,17 @@ func (w *responseWriter) send(length int) error {
 		w.rw.Header().Del("Content-Length")
 	}
 	w.rw.WriteHeader(w.status)
-	if w.body == nil || w.body.Len() == 0 {
-		return nil
+	if w.body.Len() > 0 {
+		w.rw.Write(w.body.Bytes())
+		w.body.Reset()
 	}
-	_, err := w.rw.Write(w.body.Bytes())
-	w.body.Reset()
-	return err
 }
 
 // FlushError sends anything held back and flushes it to the client: the
 // response streams from here on. It is what http.ResponseController.Flush
 // calls.
 func (w *responseWriter) FlushError() error {
-	if w.status == 0 {
-		w.WriteHeader(http.StatusOK)
-	}
-	if !w.sent {
-		if err := w.send(-1); err != nil {
-			return err
-		}
-	}
+	w.send(-1)
 	return http.NewResponseController(w.rw).Flush()
 }
 
@@ -412,7 +381,7 @@ func (w *responseWriter) Flush() { w.FlushError() }
 // net/http's own Hijack flushes what it holds. The wrapper needs its own
 // Hijack, rather than leaving it to Unwrap, to know to write nothing after.
 func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	if w.status != 0 && !w.sent {
+	if w.status != 0 {
 		w.send(-1)
 	}
 	conn, brw, err := http.NewResponseController(w.rw).Hijack()
@@ -433,37 +402,32 @@ func (w *responseWriter) finish() {
 	if w.hijacked {
 		return
 	}
-	if w.status == 0 {
-		w.WriteHeader(http.StatusOK)
+	// Like net/http, give a HEAD response a length only if the handler
+	// wrote a body: an empty one may just mean it skipped the body.
+	length := w.body.Len()
+	if length == 0 && w.head {
+		length = -1
 	}
-	if !w.sent {
-		// Like net/http, give a HEAD response a length only if the handler
-		// wrote a body: an empty one may just mean it skipped the body.
-		length := w.held().Len()
-		if length == 0 && w.head {
-			length = -1
-		}
-		w.send(length)
-	}
+	w.send(length)
 	http.NewResponseController(w.rw).Flush()
 }
 
 // detach cuts w off from the response for good, once the handler has
-// returned. The handler may have left w behind, captured by a task's
-// closure say, and net/http finishes its own writer as ServeHTTP returns and
-// then reuses its buffers for other connections: nothing may reach it from
-// a task, which runs meanwhile.
-//
-// The held-back body's buffer goes back to the pool here. It was never w
-// itself, which a handler can keep, but memory that only w held, and by now
-// its bytes have been sent, or discarded after a panic.
-func (w *responseWriter) detach() {
-	if w.body != nil {
-		w.body.Reset()
-		w.buffers.Put(w.body)
-		w.body = nil
-	}
+// returned, and returns the held-back body's buffer, emptied, for the pool.
+// The handler may have left w behind, captured by a task's closure say, and
+// net/http finishes its own writer as ServeHTTP returns and then reuses its
+// buffers for other connections: nothing may reach it from a task, which
+// runs meanwhile. Nor may the buffer, which the pool hands to other
+// requests. It was never w itself, which a handler can keep, but memory that
+// only w held, and by now its bytes have been sent, or discarded after a
+// panic.
+func (w *responseWriter) detach() *bytes.Buffer {
+	body := w.body
+	body.Reset()
+	w.body = nil
+	w.sent = true // so that nothing looks for a held-back body again
 	w.rw = detachedWriter{header: make(http.Header)}
+	return body
 }
 
 // detachedWriter stands in for the server's writer after detach: its header
