@@ -938,6 +938,16 @@ func TestResponseIsTheSameWithOrWithoutWrapper(t *testing.T) {
 			io.WriteString(w, "longer than five")
 			w.Header().Set("Content-Length", "5")
 		},
+		"/chunked-after-write-header": func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(http.StatusOK)
+			w.Header().Set("Transfer-Encoding", "chunked")
+			io.WriteString(w, "small")
+		},
+		"/trailer-declared-after-write-header": func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(http.StatusOK)
+			w.Header().Set("Trailer", "X-Checksum")
+			io.WriteString(w, "body")
+		},
 		"/read-from": func(w http.ResponseWriter, r *http.Request) {
 			io.Copy(w, readerOnly{strings.NewReader("read, not written")})
 		},
@@ -2093,21 +2103,22 @@ func runOps(w http.ResponseWriter, ops []byte) {
 	headers := [][2]string{
 		{"X-A", "1"}, {"X-B", "2"}, {"Content-Type", "text/plain"},
 		{"Content-Length", "5"}, {"Trailer", "X-T"}, {"X-T", "t"},
+		{"Transfer-Encoding", "chunked"},
 	}
 	codes := []int{200, 201, 204, 304, 404, 500, 103}
 	sizes := []int{0, 1, 5, 100, 3000, 70000}
 
 	// Once the status is out, net/http ignores header changes, and the
 	// wrapper sends those it sees while it holds the response back: a
-	// documented difference. So after that, runOps changes only
-	// Content-Length, which the wrapper always overrides.
+	// documented difference. So after that, runOps changes only the
+	// framing headers, which the wrapper ignores then, as net/http does.
 	h := w.Header()
 	committed := false
 	for _, op := range ops {
 		arg := int(op >> 2)
 		switch op & 3 {
 		case 0:
-			if kv := headers[arg%len(headers)]; !committed || kv[0] == "Content-Length" {
+			if kv := headers[arg%len(headers)]; !committed || kv[0] == "Content-Length" || kv[0] == "Transfer-Encoding" || kv[0] == "Trailer" {
 				h.Set(kv[0], kv[1])
 			}
 		case 1:

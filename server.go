@@ -3,6 +3,7 @@ package background
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -34,7 +35,9 @@ import (
 // While the response is held back, net/http has not seen its header yet, so
 // two things differ from net/http alone. Header changes made after
 // WriteHeader (or the first Write) are sent, where net/http would ignore
-// them; Content-Length is the exception, as the wrapper sets it. And trailers
+// them; framing (Content-Length, Transfer-Encoding and the Trailer
+// declaration) is the exception: the wrapper frames the body, and ignores
+// what was set after WriteHeader, as net/http does. And over HTTP/1, trailers
 // named with http.TrailerPrefix are dropped, as net/http itself drops those
 // named after a body of under 2 KiB: declare trailers in the Trailer header
 // before writing.
@@ -101,20 +104,20 @@ func NewHandler(next http.Handler) *Handler {
 // panics, its tasks are discarded and the panic goes on up to net/http.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	q := &queue{h: h, method: r.Method, path: r.URL.Path, drains: h.drains.Load()}
-	rw := &responseWriter{rw: w, body: h.buffers.Get().(*bytes.Buffer),
+	rw := &responseWriter{rw: w, buffers: &h.buffers,
 		head: r.Method == http.MethodHead, http1: r.ProtoMajor == 1}
 	r2 := r.WithContext(context.WithValue(r.Context(), tasksKey{}, q))
 
 	responded := false
 	defer func() {
 		if !responded { // a panic is on its way up to net/http
-			h.buffers.Put(rw.detach())
+			rw.detach()
 			h.discard(q)
 		}
 	}()
 	h.next.ServeHTTP(rw, r2)
-	rw.finish()                // the whole response, on its way to the client...
-	h.buffers.Put(rw.detach()) // ...out of reach of a task that kept the handler's w...
+	rw.finish() // the whole response, on its way to the client...
+	rw.detach() // ...out of reach of a task that kept the handler's w...
 	if r2.MultipartForm != nil {
 		// ...and uploads' temporary files removed: net/http removes only
 		// those of a form parsed on its own request, not on this copy. A
@@ -209,12 +212,7 @@ func (h *Handler) track(q *queue) {
 	}
 }
 
-func (h *Handler) logger() *slog.Logger {
-	if h.Logger != nil {
-		return h.Logger
-	}
-	return slog.Default()
-}
+func (h *Handler) logger() *slog.Logger { return cmp.Or(h.Logger, slog.Default()) }
 
 // maxBuffered is how much of a body without Content-Length is held back.
 const maxBuffered = 64 << 10
@@ -233,12 +231,13 @@ const maxBuffered = 64 << 10
 // 204 and 304, and those whose handler sets Content-Length, Transfer-Encoding
 // or trailers. So does any response once flushed or past maxBuffered bytes.
 type responseWriter struct {
-	rw    http.ResponseWriter // the server's, until detach
-	head  bool                // a HEAD request: net/http sends no body
-	http1 bool                // an HTTP/1.x request: see WriteHeader's 413
+	rw      http.ResponseWriter // the server's, until detach
+	head    bool                // a HEAD request: net/http sends no body
+	http1   bool                // an HTTP/1.x request: see WriteHeader's 413
+	buffers *sync.Pool          // the Handler's, where body comes from and goes back to
 
 	status   int           // the handler's status, or 0 before WriteHeader
-	body     *bytes.Buffer // the held-back body, from the Handler's pool; nil after detach
+	body     *bytes.Buffer // the held-back body; nil until held takes one from buffers
 	sent     bool          // status and headers have gone to rw, so writes pass through
 	hijacked bool          // the handler took the connection: write nothing more
 }
@@ -298,13 +297,23 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	if w.status == 0 {
 		w.WriteHeader(http.StatusOK)
 	}
-	if !w.sent && w.body.Len()+len(p) > maxBuffered {
+	if !w.sent && w.held().Len()+len(p) > maxBuffered {
 		w.send(-1)
 	}
 	if w.sent {
 		return w.rw.Write(p)
 	}
 	return w.body.Write(p)
+}
+
+// held returns the held-back body's buffer, taking one from the pool the
+// first time: a response that never holds anything back, such as a
+// hijacked connection or a long poll, keeps none while its handler runs.
+func (w *responseWriter) held() *bytes.Buffer {
+	if w.body == nil {
+		w.body = w.buffers.Get().(*bytes.Buffer)
+	}
+	return w.body
 }
 
 // ReadFrom implements io.ReaderFrom, which is how io.Copy, and with it
@@ -319,7 +328,7 @@ func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
 	}
 	var n int64
 	for !w.sent {
-		w.body.Grow(512)
+		w.held().Grow(512)
 		p := w.body.AvailableBuffer()
 		m, err := src.Read(p[:cap(p)])
 		n += int64(m)
@@ -330,8 +339,7 @@ func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
 		}
 		if err == io.EOF {
 			return n, nil
-		}
-		if err != nil {
+		} else if err != nil {
 			return n, err
 		}
 	}
@@ -352,15 +360,18 @@ func (w *responseWriter) send(length int) {
 		return
 	}
 	w.sent = true
+	// The handler framed the body itself only after WriteHeader, or the
+	// response would not be held back: net/http would ignore that framing,
+	// and it may not match the body.
+	h := w.rw.Header()
+	for _, k := range []string{"Content-Length", "Transfer-Encoding", "Trailer"} {
+		delete(h, k)
+	}
 	if length >= 0 {
-		w.rw.Header().Set("Content-Length", strconv.Itoa(length))
-	} else {
-		// Set after WriteHeader, or it would not be held back: net/http
-		// ignores it, and it may not match the body.
-		w.rw.Header().Del("Content-Length")
+		h.Set("Content-Length", strconv.Itoa(length))
 	}
 	w.rw.WriteHeader(w.status)
-	if w.body.Len() > 0 {
+	if w.body != nil && w.body.Len() > 0 {
 		w.rw.Write(w.body.Bytes())
 		w.body.Reset()
 	}
@@ -385,9 +396,7 @@ func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		w.send(-1)
 	}
 	conn, brw, err := http.NewResponseController(w.rw).Hijack()
-	if err == nil {
-		w.hijacked = true // and a second Hijack, which fails, must not undo it
-	}
+	w.hijacked = w.hijacked || err == nil // a second Hijack, which fails, must not undo the first
 	return conn, brw, err
 }
 
@@ -404,7 +413,7 @@ func (w *responseWriter) finish() {
 	}
 	// Like net/http, give a HEAD response a length only if the handler
 	// wrote a body: an empty one may just mean it skipped the body.
-	length := w.body.Len()
+	length := w.held().Len()
 	if length == 0 && w.head {
 		length = -1
 	}
@@ -413,21 +422,23 @@ func (w *responseWriter) finish() {
 }
 
 // detach cuts w off from the response for good, once the handler has
-// returned, and returns the held-back body's buffer, emptied, for the pool.
-// The handler may have left w behind, captured by a task's closure say, and
-// net/http finishes its own writer as ServeHTTP returns and then reuses its
-// buffers for other connections: nothing may reach it from a task, which
-// runs meanwhile. Nor may the buffer, which the pool hands to other
-// requests. It was never w itself, which a handler can keep, but memory that
-// only w held, and by now its bytes have been sent, or discarded after a
-// panic.
-func (w *responseWriter) detach() *bytes.Buffer {
-	body := w.body
-	body.Reset()
-	w.body = nil
+// returned. The handler may have left w behind, captured by a task's
+// closure say, and net/http finishes its own writer as ServeHTTP returns and
+// then reuses its buffers for other connections: nothing may reach it from
+// a task, which runs meanwhile.
+//
+// The held-back body's buffer goes back to the pool here, and w lets go of
+// it, since the pool hands it to other requests. It was never w itself,
+// which a handler can keep, but memory that only w held, and by now its
+// bytes have been sent, or discarded after a panic.
+func (w *responseWriter) detach() {
+	if w.body != nil {
+		w.body.Reset()
+		w.buffers.Put(w.body)
+		w.body = nil
+	}
 	w.sent = true // so that nothing looks for a held-back body again
 	w.rw = detachedWriter{header: make(http.Header)}
-	return body
 }
 
 // detachedWriter stands in for the server's writer after detach: its header
