@@ -228,8 +228,9 @@ const maxBuffered = 64 << 10
 // no way to tell the body is complete. With a Content-Length it can.
 //
 // Responses that take no Content-Length from us pass straight through: 1xx,
-// 204 and 304, and those whose handler sets Content-Length, Transfer-Encoding
-// or trailers. So does any response once flushed or past maxBuffered bytes.
+// 204 and 304, and those whose handler sets Content-Length or
+// Transfer-Encoding, or declares trailers, before WriteHeader. So does any
+// response once flushed or past maxBuffered bytes.
 type responseWriter struct {
 	rw      http.ResponseWriter // the server's, until detach
 	head    bool                // a HEAD request: net/http sends no body
