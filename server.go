@@ -3,6 +3,7 @@ package background
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -175,7 +176,7 @@ func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	w.send(-1)
 	conn, brw, err := http.NewResponseController(w.rw).Hijack()
 	if err == nil {
-		w.sent, w.rw = true, detachedWriter{header: make(http.Header), err: http.ErrHijacked}
+		w.sent, w.rw = true, hijackedWriter{detachedWriter(make(http.Header))}
 	}
 	return conn, brw, err
 }
@@ -209,25 +210,25 @@ func (w *responseWriter) detach() {
 		w.buffers.Put(w.body)
 		w.body = nil
 	}
-	w.sent, w.rw = true, detachedWriter{header: make(http.Header), err: errDetached{}} // nothing held back any more
+	w.sent, w.rw = true, detachedWriter(make(http.Header)) // nothing held back any more
 }
 
-// detachedWriter stands in for the server's writer after Hijack or detach:
-// its header map is its own, and nothing sends it. Writing, or hijacking
-// again, fails with err.
-type detachedWriter struct {
-	header http.Header
-	err    error
+// detachedWriter stands in for the server's writer after detach: its header
+// map is its own, nothing sends it, and nothing can be written. (A map type,
+// so that storing it in w.rw allocates nothing more.)
+type detachedWriter http.Header
+
+func (d detachedWriter) Header() http.Header { return http.Header(d) }
+func (detachedWriter) WriteHeader(int)       {}
+func (detachedWriter) Write([]byte) (int, error) {
+	return 0, errors.New("background: Write after the handler returned: its ResponseWriter is cut off from the response")
 }
 
-func (d detachedWriter) Header() http.Header                          { return d.header }
-func (d detachedWriter) WriteHeader(int)                              {}
-func (d detachedWriter) Write([]byte) (int, error)                    { return 0, d.err }
-func (d detachedWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) { return nil, nil, d.err }
+// hijackedWriter stands in for the server's writer after Hijack: writing, or
+// hijacking again, fails with http.ErrHijacked, as with net/http's own.
+type hijackedWriter struct{ detachedWriter }
 
-// errDetached is the error of a write through a writer that detach cut off.
-type errDetached struct{}
-
-func (errDetached) Error() string {
-	return "background: the handler has returned, so its ResponseWriter is cut off from the response"
+func (hijackedWriter) Write([]byte) (int, error) { return 0, http.ErrHijacked }
+func (hijackedWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return nil, nil, http.ErrHijacked
 }
