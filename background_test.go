@@ -34,90 +34,72 @@ import (
 	"example.com/background"
 )
 
+// This file checks the promises of package background, one section for each,
+// in the order below. A section's tests share its name prefix, so that, say,
+// go test -run TestShutdown . runs that section and no other. Helpers and
+// Examples come first; what only one section uses sits with that section.
+//
+//  1. TestResponse…    The client gets the whole response, framed and
+//                      flushed, before any task starts. Streamed and flushed
+//                      bodies do not wait for tasks; unflushed ones are held
+//                      back, up to 64 KiB; sized ones never are.
+//  2. TestConnection…  A keep-alive connection serves its next request while
+//                      tasks run. A slow reader holds up no other request or
+//                      task. A client that leaves before reading still gets
+//                      its tasks run, once.
+//  3. TestOrder…       One request's tasks run one at a time, in order;
+//                      different requests' tasks run concurrently; under
+//                      concurrent requests, every task runs exactly once.
+//  4. TestContext…     A task's ctx keeps the request's values, but only
+//                      Shutdown cancels it; contexts derived from it start no
+//                      goroutine.
+//  5. TestFailure…     A task that fails or panics is logged, and the
+//                      request's other tasks still run, under load too.
+//  6. TestPanic…       A handler that panics runs none of its tasks (they are
+//                      dropped with a log line), its panic goes on up
+//                      unchanged, and it sends none of the body held back.
+//  7. TestAdd…         Misuse panics with a message that says what is wrong.
+//                      Add after the request's tasks have finished still
+//                      runs the task, and Shutdown waits for it.
+//  8. TestShutdown…    Shutdown waits for every task; at its deadline it
+//                      cancels and drops them with one summary line, and
+//                      later tasks are dropped with a log line; it reports
+//                      whether a task was lost; http.TimeoutHandler's late
+//                      Add runs and is logged; concurrent Shutdowns, and
+//                      Shutdowns that race requests, lose no task silently.
+//  9. TestWriter…      The handler's w. Once the handler has returned, a task
+//                      that kept it reaches no other response. After Hijack,
+//                      writes fail with http.ErrHijacked, and the tasks still
+//                      run. http.ResponseController reaches the server's
+//                      writer, Flush sends each chunk, io.Copy reports what
+//                      it copied, and an invalid status panics in the handler.
+// 10. TestMux…         Around a real mux: http.FileServer sends the same
+//                      bytes, through sendfile; http.MaxBytesHandler's 413
+//                      reaches a stalled client; uploads are removed before
+//                      the tasks start; a 413 over HTTP/2 keeps the
+//                      connection; middleware outside the wrapper sees no
+//                      pattern.
+//
+// A first reading can stop there. After a comment that says so come:
+//
+// 11. TestTransparent… The client sees the same response with the wrapper as
+//                      without it, except for the differences Handler's doc
+//                      lists. (The other documented differences sit with
+//                      their promise: an unflushed body held back in 1, a
+//                      panic that sends nothing in 6, a 413 that closes the
+//                      connection and middleware that sees no pattern in 10.)
+// 12. FuzzTransparent  The same comparison, for handlers the fuzzer writes.
+// 13. Benchmark…       What the wrapper costs. CI runs them with -benchtime 1x
+//                      only to keep them working.
+
+// --- Helpers ---
+
 // failSafe bounds every wait in these tests. Nothing should take more than a
 // fraction of it; it only stops a broken build from hanging.
 const failSafe = 30 * time.Second
 
 // bufferLimit is how much of an unsized body the wrapper holds back.
 const bufferLimit = 64 << 10
-
-// --- Examples ---
-
-// notify is the tutorial's endpoint: it answers at once and leaves the log
-// line to a task.
-func notify(w http.ResponseWriter, r *http.Request) {
-	msg := "Notification sent to: " + r.PathValue("email")
-	background.FromContext(r.Context()).Add(func(ctx context.Context) error { return writeLog(msg) })
-	json.NewEncoder(w).Encode(map[string]string{"message": "Notification sent successfully!"})
-}
-
-// writeLog stands in for slow work, such as sending an email.
-func writeLog(msg string) error {
-	_, err := fmt.Println("Log written:", msg)
-	return err
-}
-
-func Example() {
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /send-notification/{email}", notify)
-	h := background.NewHandler(mux)
-	srv := httptest.NewServer(h)
-
-	resp, err := http.Post(srv.URL+"/send-notification/test@example.com", "", nil)
-	if err != nil {
-		log.Fatal(err)
-	}
-	body, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil {
-		log.Fatal(err)
-	}
-	fmt.Print(string(body)) // the task runs meanwhile, so the order of the lines varies
-
-	srv.Close()
-	h.Shutdown(context.Background())
-	// Unordered output:
-	// {"message":"Notification sent successfully!"}
-	// Log written: Notification sent to: test@example.com
-}
-
-func ExampleHandler_Shutdown() {
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /send-notification/{email}", notify)
-	h := background.NewHandler(mux)
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		log.Fatal(err)
-	}
-	go srv.Serve(ln)
-
-	resp, err := http.Post("http://"+ln.Addr().String()+"/send-notification/ada@example.com", "", nil)
-	if err != nil {
-		log.Fatal(err)
-	}
-	io.Copy(io.Discard, resp.Body)
-	resp.Body.Close()
-
-	// Time to stop, on SIGTERM say. Both steps share one deadline.
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	// First, stop taking requests and let the responses in flight finish...
-	if err := srv.Shutdown(ctx); err != nil {
-		log.Fatal(err)
-	}
-	// ...then wait for the tasks those responses queued.
-	if err := h.Shutdown(ctx); err != nil {
-		fmt.Println("some tasks did not finish:", err)
-		return
-	}
-	fmt.Println("all tasks done")
-	// Output:
-	// Log written: Notification sent to: ada@example.com
-	// all tasks done
-}
-
-// --- Helpers ---
 
 // serveModes, if set, makes the test binary serve BenchmarkLoopback's modes on
 // that address instead of testing, for a load generator in another process
@@ -331,7 +313,107 @@ func addTask(r *http.Request, task func(ctx context.Context) error) {
 	background.FromContext(r.Context()).Add(task)
 }
 
-// --- 1. The client gets the whole response before any task starts ---
+// readerOnly hides any method of its Reader but Read, such as WriteTo, so
+// that io.Copy calls the writer's ReadFrom.
+type readerOnly struct{ io.Reader }
+
+// rawExchange sends request on a new connection to addr, and returns every
+// byte the server sends back until it closes the connection.
+func rawExchange(t *testing.T, addr, request string) string {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(failSafe))
+	if _, err := io.WriteString(conn, request); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("read %d bytes, then: %v", len(got), err)
+	}
+	return string(got)
+}
+
+// --- Examples ---
+
+// notify is the tutorial's endpoint: it answers at once and leaves the log
+// line to a task.
+func notify(w http.ResponseWriter, r *http.Request) {
+	msg := "Notification sent to: " + r.PathValue("email")
+	background.FromContext(r.Context()).Add(func(ctx context.Context) error { return writeLog(msg) })
+	json.NewEncoder(w).Encode(map[string]string{"message": "Notification sent successfully!"})
+}
+
+// writeLog stands in for slow work, such as sending an email.
+func writeLog(msg string) error {
+	_, err := fmt.Println("Log written:", msg)
+	return err
+}
+
+func Example() {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /send-notification/{email}", notify)
+	h := background.NewHandler(mux)
+	srv := httptest.NewServer(h)
+
+	resp, err := http.Post(srv.URL+"/send-notification/test@example.com", "", nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Print(string(body)) // the task runs meanwhile, so the order of the lines varies
+
+	srv.Close()
+	h.Shutdown(context.Background())
+	// Unordered output:
+	// {"message":"Notification sent successfully!"}
+	// Log written: Notification sent to: test@example.com
+}
+
+func ExampleHandler_Shutdown() {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /send-notification/{email}", notify)
+	h := background.NewHandler(mux)
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	go srv.Serve(ln)
+
+	resp, err := http.Post("http://"+ln.Addr().String()+"/send-notification/ada@example.com", "", nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+
+	// Time to stop, on SIGTERM say. Both steps share one deadline.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// First, stop taking requests and let the responses in flight finish...
+	if err := srv.Shutdown(ctx); err != nil {
+		log.Fatal(err)
+	}
+	// ...then wait for the tasks those responses queued.
+	if err := h.Shutdown(ctx); err != nil {
+		fmt.Println("some tasks did not finish:", err)
+		return
+	}
+	fmt.Println("all tasks done")
+	// Output:
+	// Log written: Notification sent to: ada@example.com
+	// all tasks done
+}
+
+// --- 1. TestResponse…: the client gets the whole response before any task starts ---
 
 // wireLog records every byte a server has written to its connections.
 type wireLog struct {
@@ -463,7 +545,7 @@ func readWholeResponse(raw []byte, method, want string) error {
 	return nil
 }
 
-func TestStreamedResponseDoesNotWaitForTask(t *testing.T) {
+func TestResponseStreamedDoesNotWaitForTask(t *testing.T) {
 	const size = 3 << 20
 	block := make(chan struct{})
 	defer close(block)
@@ -486,9 +568,85 @@ func TestStreamedResponseDoesNotWaitForTask(t *testing.T) {
 	await(t, started, "the task to start")
 }
 
-// --- 2. The connection is free ---
+func TestResponseUnflushedBodyIsHeldBackUntilHandlerReturns(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wire := &wireLog{Listener: ln}
+	wrote, looked := make(chan struct{}), make(chan struct{})
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		for i := 0; i < 8; i++ { // a slow stream, 1 KiB at a time, never flushed
+			w.Write(make([]byte, 1<<10))
+		}
+		close(wrote)
+		receive(looked)
+	})
+	srv := httptest.NewUnstartedServer(h)
+	srv.Listener = wire
+	srv.Start()
+	defer srv.Close()
+	srv.Client().Timeout = failSafe
 
-func TestKeepAliveConnectionServesNextRequestWhileTasksRun(t *testing.T) {
+	bodies := make(chan string, 1)
+	go func() {
+		body, err := tryGet(srv.Client(), srv.URL)
+		if err != nil {
+			body = err.Error()
+		}
+		bodies <- body
+	}()
+	await(t, wrote, "the handler to write")
+	if sent := wire.sent(); len(sent) != 0 {
+		t.Errorf("%d bytes reached the wire while the handler ran; the doc says none until it returns", len(sent))
+	}
+	close(looked)
+	if body := await(t, bodies, "the response"); len(body) != 8<<10 {
+		t.Errorf("then the client got %d bytes, want %d", len(body), 8<<10)
+	}
+}
+
+func TestResponseUnsizedBodyStreamsPastBufferLimit(t *testing.T) {
+	testHandlerIsNotHeldBack(t, func(w http.ResponseWriter) {
+		chunk := make([]byte, 1<<10)
+		for n := 0; n <= bufferLimit; n += len(chunk) {
+			w.Write(chunk)
+		}
+	})
+}
+
+func TestResponseSizedBodyIsNeverHeldBack(t *testing.T) {
+	testHandlerIsNotHeldBack(t, func(w http.ResponseWriter) {
+		w.Header().Set("Content-Length", fmt.Sprint(1<<20))
+		w.Write(make([]byte, 16<<10))
+	})
+}
+
+// testHandlerIsNotHeldBack checks that what write writes reaches the client
+// while the handler is still running.
+func testHandlerIsNotHeldBack(t *testing.T, write func(w http.ResponseWriter)) {
+	clientGot := make(chan struct{})
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		write(w)
+		if _, ok := receive(clientGot); !ok {
+			t.Error("timed out waiting for the client to read the first byte")
+		}
+	})
+	srv := serve(t, h)
+	resp, err := srv.Client().Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if _, err := io.ReadFull(resp.Body, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	close(clientGot)
+}
+
+// --- 2. TestConnection…: the connection is free while tasks run ---
+
+func TestConnectionKeepAliveServesNextRequestWhileTasksRun(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
 	started := make(chan struct{})
@@ -525,9 +683,80 @@ func TestKeepAliveConnectionServesNextRequestWhileTasksRun(t *testing.T) {
 	}
 }
 
-// --- 3. Order ---
+func TestConnectionSlowReaderHoldsUpNoOtherRequestOrTask(t *testing.T) {
+	const others = 20
+	ran := make(chan string, others+1)
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { ran <- r.URL.Path; return nil })
+		if r.URL.Path != "/big" {
+			io.WriteString(w, "small")
+			return
+		}
+		chunk := make([]byte, 32<<10)
+		for n := 0; n < 256<<20; n += len(chunk) { // far more than the socket buffers hold
+			if _, err := w.Write(chunk); err != nil {
+				return // the slow reader has gone
+			}
+		}
+	})
+	srv := serve(t, h)
 
-func TestTasksOfOneRequestRunOneAtATimeInOrder(t *testing.T) {
+	slow, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	io.WriteString(slow, "GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
+	if _, err := slow.Read(make([]byte, 1)); err != nil { // the response has begun; read no more
+		t.Fatal(err)
+	}
+
+	for i := 0; i < others; i++ {
+		get(t, srv.Client(), fmt.Sprintf("%s/small/%d", srv.URL, i))
+	}
+	for i := 0; i < others; i++ {
+		if path := await(t, ran, "the other requests' tasks"); path == "/big" {
+			t.Fatal("the slow reader's task ran while its response was still being written")
+		}
+	}
+	slow.Close()
+	if path := await(t, ran, "the slow reader's task, once it had gone"); path != "/big" {
+		t.Errorf("extra task from %s", path)
+	}
+}
+
+func TestConnectionClientLeavingBeforeReadingStillGetsTasksRunOnce(t *testing.T) {
+	var runs atomic.Int32
+	added := make(chan struct{})
+	clientGone := make(chan bool, 1)
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { runs.Add(1); return nil })
+		close(added)
+		_, ok := receive(r.Context().Done()) // net/http cancels it when the client leaves
+		clientGone <- ok
+		io.WriteString(w, "nobody reads this")
+	})
+	srv := serve(t, h)
+
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(conn, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+	await(t, added, "the handler to add its task")
+	conn.Close()
+	if !await(t, clientGone, "the handler to finish") {
+		t.Fatal("the request's context was not canceled: net/http did not see the client leave")
+	}
+	shutdown(t, h)
+	if n := runs.Load(); n != 1 {
+		t.Errorf("the task ran %d times, want once", n)
+	}
+}
+
+// --- 3. TestOrder…: in order within a request, concurrently across requests ---
+
+func TestOrderTasksOfOneRequestRunOneAtATimeInOrder(t *testing.T) {
 	var (
 		mu      sync.Mutex
 		order   []int
@@ -568,7 +797,7 @@ func TestTasksOfOneRequestRunOneAtATimeInOrder(t *testing.T) {
 	}
 }
 
-func TestTasksOfDifferentRequestsRunConcurrently(t *testing.T) {
+func TestOrderTasksOfDifferentRequestsRunConcurrently(t *testing.T) {
 	var arrived sync.WaitGroup
 	arrived.Add(2)
 	both := make(chan struct{})
@@ -596,11 +825,47 @@ func TestTasksOfDifferentRequestsRunConcurrently(t *testing.T) {
 	}
 }
 
-// --- 4. Context ---
+func TestOrderEveryTaskRunsExactlyOnceUnderConcurrentRequests(t *testing.T) {
+	const (
+		requests   = 300
+		goroutines = 4 // per request, each adding tasksEach tasks
+		tasksEach  = 2
+		clients    = 16
+	)
+	var runs [requests][goroutines * tasksEach]atomic.Int32
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		id := requestID(r)
+		tasks := background.FromContext(r.Context())
+		var wg sync.WaitGroup
+		for g := 0; g < goroutines; g++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for k := 0; k < tasksEach; k++ {
+					slot := &runs[id][g*tasksEach+k]
+					tasks.Add(func(context.Context) error { slot.Add(1); return nil })
+				}
+			}()
+		}
+		wg.Wait()
+	})
+	srv := serve(t, h)
+	getEach(t, srv, requests, clients)
+	shutdown(t, h)
+	for id := range runs {
+		for k := range runs[id] {
+			if n := runs[id][k].Load(); n != 1 {
+				t.Errorf("request %d task %d ran %d times, want once", id, k, n)
+			}
+		}
+	}
+}
+
+// --- 4. TestContext…: values, and only Shutdown's cancellation ---
 
 type ctxKey string
 
-func TestTaskContextHasValuesButOnlyShutdownCancelsIt(t *testing.T) {
+func TestContextOfTaskHasValuesButOnlyShutdownCancelsIt(t *testing.T) {
 	type result struct {
 		middleware, handler any
 		err                 error
@@ -645,7 +910,7 @@ func TestTaskContextHasValuesButOnlyShutdownCancelsIt(t *testing.T) {
 	}
 }
 
-func TestContextsDerivedFromTaskContextStartNoGoroutineAndSeeShutdown(t *testing.T) {
+func TestContextDerivedFromTaskContextStartsNoGoroutineAndSeesShutdown(t *testing.T) {
 	const derived = 300
 	goroutines := make(chan int, 1) // how many the derived contexts added
 	errs := make(chan error, 1)
@@ -687,9 +952,9 @@ func TestContextsDerivedFromTaskContextStartNoGoroutineAndSeeShutdown(t *testing
 	}
 }
 
-// --- 5. Failures are isolated and visible ---
+// --- 5. TestFailure…: failures are logged, and the rest still run ---
 
-func TestFailingTasksAreLoggedAndTheRestStillRun(t *testing.T) {
+func TestFailureOfTasksIsLoggedAndTheRestStillRun(t *testing.T) {
 	ran := make(chan struct{})
 	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/jobs" {
@@ -714,15 +979,56 @@ func TestFailingTasksAreLoggedAndTheRestStillRun(t *testing.T) {
 	}
 	panicked := logs.find(t, "task panicked")
 	if panicked == nil || panicked["panic"] != "task blew up" || panicked["method"] != "POST" || panicked["path"] != "/jobs" ||
-		!strings.Contains(fmt.Sprint(panicked["stack"]), "background_test.TestFailingTasksAreLoggedAndTheRestStillRun") {
+		!strings.Contains(fmt.Sprint(panicked["stack"]), "background_test.TestFailureOfTasksIsLoggedAndTheRestStillRun") {
 		t.Errorf("task panic logged as %v; want its value, method, path and stack", panicked)
 	}
 	get(t, srv.Client(), srv.URL+"/still-up")
 }
 
-// --- 6. A panicking handler runs no tasks ---
+func TestFailureUnderLoadLeavesTheRestRunningOnce(t *testing.T) {
+	const requests, clients = 200, 8
+	var runs [requests]atomic.Int32
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/alive" {
+			return
+		}
+		id := requestID(r)
+		tasks := []func(context.Context) error{
+			func(context.Context) error { panic(fmt.Sprintf("task of request %d panics", id)) },
+			func(context.Context) error { return fmt.Errorf("task of request %d fails", id) },
+			func(context.Context) error { runs[id].Add(1); return nil },
+		}
+		for k := range tasks { // the counting task comes first, second or last
+			addTask(r, tasks[(k+id)%len(tasks)])
+		}
+	})
+	srv := serve(t, h)
+	getEach(t, srv, requests, clients)
+	shutdown(t, h)
 
-func TestPanickingHandlerRunsNoTasks(t *testing.T) {
+	get(t, srv.Client(), srv.URL+"/alive")
+	for id := range runs {
+		if n := runs[id].Load(); n != 1 {
+			t.Errorf("request %d's counting task ran %d times, want once", id, n)
+		}
+	}
+	panicked, failed := 0, 0
+	for _, rec := range logs.records(t) {
+		switch rec["msg"] {
+		case "background: task panicked":
+			panicked++
+		case "background: task failed":
+			failed++
+		}
+	}
+	if panicked < requests || failed < requests {
+		t.Errorf("logged %d panics and %d failures, want at least %d of each", panicked, failed, requests)
+	}
+}
+
+// --- 6. TestPanic…: a panicking handler runs no tasks ---
+
+func TestPanicInHandlerRunsNoTasks(t *testing.T) {
 	var ran atomic.Bool
 	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		addTask(r, func(context.Context) error { ran.Store(true); return nil })
@@ -749,7 +1055,7 @@ func TestPanickingHandlerRunsNoTasks(t *testing.T) {
 	}
 }
 
-func TestHandlerPanicPropagatesUnchanged(t *testing.T) {
+func TestPanicPropagatesUnchanged(t *testing.T) {
 	for _, value := range []any{"handler blew up", http.ErrAbortHandler} {
 		h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) { panic(value) })
 		if got := panicOf(h); got != value {
@@ -758,7 +1064,19 @@ func TestHandlerPanicPropagatesUnchanged(t *testing.T) {
 	}
 }
 
-// --- 7. Nothing is dropped silently ---
+func TestPanicAfterWritingSendsNoneOfTheHeldBackBody(t *testing.T) {
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Write(make([]byte, 8<<10)) // without the wrapper, some of it would be on its way
+		panic(http.ErrAbortHandler)
+	})
+	srv := serve(t, h)
+	got := rawExchange(t, srv.Listener.Addr().String(), "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+	if got != "" {
+		t.Errorf("the client got %d bytes (%.40q...); the doc says it gets none", len(got), got)
+	}
+}
+
+// --- 7. TestAdd…: misuse panics clearly; a late Add still runs ---
 
 func TestAddWithoutNewHandlerPanicsSayingSo(t *testing.T) {
 	if tasks := background.FromContext(context.Background()); tasks != nil {
@@ -810,389 +1128,7 @@ func TestAddAfterTasksFinishedRunsAndShutdownWaitsForIt(t *testing.T) {
 	await(t, taskCtx.Done(), "the late task's context to be canceled")
 }
 
-// --- 8. Transparent ---
-
-// response is what a client saw of one response.
-type response struct {
-	Informational []string // 1xx responses, each with its header
-	Status        int
-	Header        http.Header // without Date, Content-Length and Transfer-Encoding
-	Body          string
-	Trailer       http.Header
-	Err           string // "" if the body was read to its end
-}
-
-// fetch sends method to url and records everything the client sees.
-func fetch(t *testing.T, c *http.Client, method, url string) response {
-	t.Helper()
-	var got response
-	trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
-		got.Informational = append(got.Informational, fmt.Sprint(code, " ", h))
-		return nil
-	}}
-	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), method, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		got.Err = "no response: " + err.Error()
-		return got
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		got.Err = err.Error()
-	}
-	got.Status, got.Header, got.Body, got.Trailer = resp.StatusCode, resp.Header, string(body), resp.Trailer
-	for _, k := range []string{"Date", "Content-Length", "Transfer-Encoding"} {
-		got.Header.Del(k)
-	}
-	return got
-}
-
-// compare fetches method url from both servers and reports any difference.
-func compare(t *testing.T, bare, wrapped *httptest.Server, method, path string) {
-	t.Helper()
-	want := fetch(t, bare.Client(), method, bare.URL+path)
-	got := fetch(t, wrapped.Client(), method, wrapped.URL+path)
-	if !reflect.DeepEqual(got, want) {
-		t.Errorf("%s %s:\nwrapped: %s\nbare:    %s", method, path, summary(got), summary(want))
-	}
-}
-
-func summary(r response) string {
-	body := r.Body
-	if len(body) > 40 {
-		body = fmt.Sprintf("%.40q... (%d bytes)", body, len(body))
-	}
-	return fmt.Sprintf("1xx %v, status %d, header %v, body %s, trailer %v, err %q", r.Informational, r.Status, r.Header, body, r.Trailer, r.Err)
-}
-
-func TestResponseIsTheSameWithOrWithoutWrapper(t *testing.T) {
-	chunked := func(w http.ResponseWriter, size int) {
-		chunk := bytes.Repeat([]byte("0123456789abcdef"), 2<<10)
-		for size > 0 {
-			n := min(size, len(chunk))
-			w.Write(chunk[:n])
-			size -= n
-		}
-	}
-	cases := map[string]http.HandlerFunc{
-		"/json": func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Content-Type", "application/json")
-			io.WriteString(w, `{"message":"Notification sent successfully!"}`)
-		},
-		"/empty": func(w http.ResponseWriter, r *http.Request) {},
-		"/sniffed": func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, "<!DOCTYPE html><title>hi</title>")
-		},
-		"/not-found": func(w http.ResponseWriter, r *http.Request) { http.NotFound(w, r) },
-		"/500-no-body": func(w http.ResponseWriter, r *http.Request) {
-			w.WriteHeader(http.StatusInternalServerError)
-		},
-		"/204": func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("X-Id", "7")
-			w.WriteHeader(http.StatusNoContent)
-			w.Write([]byte("no body allowed"))
-		},
-		"/304": func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("ETag", `"v1"`)
-			w.Header().Set("Content-Type", "text/plain")
-			w.WriteHeader(http.StatusNotModified)
-		},
-		"/content-length": func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Content-Length", "11")
-			w.WriteHeader(http.StatusCreated)
-			io.WriteString(w, "hello world")
-		},
-		"/103-early-hints": func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Link", "</style.css>; rel=preload")
-			w.WriteHeader(http.StatusEarlyHints)
-			w.Header().Set("X-Final", "yes")
-			w.WriteHeader(http.StatusCreated)
-			io.WriteString(w, "after the hints")
-		},
-		"/header-changed-after-write": func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("X-Before", "sent")
-			chunked(w, 100<<10)
-			w.Header().Set("X-After", "ignored")
-		},
-		"/just-over-buffer": func(w http.ResponseWriter, r *http.Request) { chunked(w, bufferLimit+1) },
-		"/multi-megabyte":   func(w http.ResponseWriter, r *http.Request) { chunked(w, 5<<20) },
-		"/flushed": func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, "first ")
-			w.(http.Flusher).Flush()
-			io.WriteString(w, "second")
-		},
-		"/declared-trailer": func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Trailer", "X-Checksum")
-			io.WriteString(w, "body")
-			w.Header().Set("X-Checksum", "abc")
-		},
-		"/prefixed-trailer-after-streaming": func(w http.ResponseWriter, r *http.Request) {
-			chunked(w, bufferLimit+1)
-			w.Header().Set(http.TrailerPrefix+"X-Late", "xyz")
-		},
-		"/content-length-after-write": func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, "longer than five")
-			w.Header().Set("Content-Length", "5")
-		},
-		"/chunked-after-write-header": func(w http.ResponseWriter, r *http.Request) {
-			w.WriteHeader(http.StatusOK)
-			w.Header().Set("Transfer-Encoding", "chunked")
-			io.WriteString(w, "small")
-		},
-		"/trailer-declared-after-write-header": func(w http.ResponseWriter, r *http.Request) {
-			w.WriteHeader(http.StatusOK)
-			w.Header().Set("Trailer", "X-Checksum")
-			io.WriteString(w, "body")
-		},
-		"/read-from": func(w http.ResponseWriter, r *http.Request) {
-			io.Copy(w, readerOnly{strings.NewReader("read, not written")})
-		},
-		"/read-from-past-buffer": func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, "written first, ")
-			io.Copy(w, readerOnly{bytes.NewReader(bytes.Repeat([]byte("0123456789abcdef"), bufferLimit/16))})
-		},
-		"/read-from-sized": func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Content-Length", "17")
-			io.Copy(w, readerOnly{strings.NewReader("read, not written")})
-		},
-		"/short-content-length": func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Content-Length", "100")
-			io.WriteString(w, "too short")
-		},
-	}
-	mux := http.NewServeMux()
-	for path, handler := range cases {
-		mux.Handle(path, handler)
-	}
-	bare := serve(t, mux)
-	h, _ := wrap(t, mux.ServeHTTP)
-	wrapped := serve(t, h)
-	for path := range cases {
-		for _, method := range []string{"GET", "HEAD"} {
-			t.Run(method+path, func(t *testing.T) { compare(t, bare, wrapped, method, path) })
-		}
-	}
-}
-
-// readerOnly hides any method of its Reader but Read, such as WriteTo, so
-// that io.Copy calls the writer's ReadFrom.
-type readerOnly struct{ io.Reader }
-
-func TestCopyToWriterReportsBytesCopiedAndNoError(t *testing.T) {
-	for _, size := range []int{0, 17, bufferLimit, bufferLimit + 1, 3 * bufferLimit} {
-		for _, sized := range []bool{false, true} {
-			t.Run(fmt.Sprintf("%d bytes, Content-Length %v", size, sized), func(t *testing.T) {
-				type result struct {
-					n   int64
-					err error
-				}
-				results := make(chan result, 1)
-				h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-					if sized {
-						w.Header().Set("Content-Length", fmt.Sprint(size))
-					}
-					n, err := io.Copy(w, readerOnly{bytes.NewReader(make([]byte, size))})
-					results <- result{n, err}
-				})
-				srv := serve(t, h)
-				if body := get(t, srv.Client(), srv.URL); len(body) != size {
-					t.Errorf("client got %d bytes, want %d", len(body), size)
-				}
-				if got := await(t, results, "the handler"); got.n != int64(size) || got.err != nil {
-					t.Errorf("io.Copy = %d, %v; want %d, nil", got.n, got.err, size)
-				}
-			})
-		}
-	}
-}
-
-func TestHeadResponseWithoutBodyClaimsNoLength(t *testing.T) {
-	// A handler may skip the body of a HEAD response: that does not make the
-	// body empty, so the response must not say Content-Length: 0.
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodHead {
-			io.WriteString(w, "the body of a GET")
-		}
-	})
-	srv := serve(t, h)
-	resp, err := srv.Client().Head(srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if cl, ok := resp.Header["Content-Length"]; ok {
-		t.Errorf("HEAD response with no body written has Content-Length %v; want none", cl)
-	}
-}
-
-func TestInvalidStatusPanicsInHandler(t *testing.T) {
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		w.WriteHeader(1000)
-		t.Error("WriteHeader(1000) returned; net/http panics there")
-	})
-	if v := panicOf(h); !strings.Contains(fmt.Sprint(v), "invalid WriteHeader code") {
-		t.Errorf("WriteHeader(1000) panicked with %v, want net/http's message", v)
-	}
-}
-
-func TestFlushSendsEachChunkBeforeHandlerGoesOn(t *testing.T) {
-	flushes := map[string]func(w http.ResponseWriter) error{
-		"http.Flusher":            func(w http.ResponseWriter) error { w.(http.Flusher).Flush(); return nil },
-		"http.ResponseController": func(w http.ResponseWriter) error { return http.NewResponseController(w).Flush() },
-	}
-	for name, flush := range flushes {
-		t.Run(name, func(t *testing.T) {
-			clientGot := make(chan struct{})
-			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-				io.WriteString(w, "first")
-				if err := flush(w); err != nil {
-					t.Errorf("Flush: %v", err)
-				}
-				if _, ok := receive(clientGot); !ok {
-					t.Error("timed out waiting for the client to read the flushed chunk")
-				}
-				io.WriteString(w, "second")
-			})
-			srv := serve(t, h)
-			resp, err := srv.Client().Get(srv.URL)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer resp.Body.Close()
-			first := make([]byte, len("first"))
-			if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" {
-				t.Fatalf("read %q, %v before the handler went on; want %q", first, err, "first")
-			}
-			close(clientGot)
-			if rest, err := io.ReadAll(resp.Body); err != nil || string(rest) != "second" {
-				t.Errorf("then read %q, %v; want %q", rest, err, "second")
-			}
-		})
-	}
-}
-
-func TestResponseControllerReachesServerWriter(t *testing.T) {
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		rc := http.NewResponseController(w)
-		deadline := time.Now().Add(failSafe)
-		for name, err := range map[string]error{
-			"SetReadDeadline":  rc.SetReadDeadline(deadline),
-			"SetWriteDeadline": rc.SetWriteDeadline(deadline),
-			"EnableFullDuplex": rc.EnableFullDuplex(),
-		} {
-			if err != nil {
-				t.Errorf("%s through the wrapper: %v", name, err)
-			}
-		}
-	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL)
-}
-
-func TestHijackedConnectionStillRunsTasks(t *testing.T) {
-	ran := make(chan struct{})
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { close(ran); return nil })
-		conn, brw, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			t.Errorf("Hijack through the wrapper: %v", err)
-			return
-		}
-		defer conn.Close()
-		brw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nhijacked")
-		brw.Flush()
-	})
-	serverLog := new(logBuffer)
-	srv := serveLogging(t, h, serverLog)
-
-	if body := get(t, srv.Client(), srv.URL); body != "hijacked" {
-		t.Errorf("client read %q, want %q", body, "hijacked")
-	}
-	await(t, ran, "the task of a hijacking handler")
-	srv.Close()
-	if s := serverLog.String(); s != "" {
-		t.Errorf("the wrapper wrote to the hijacked connection; net/http said: %s", s)
-	}
-}
-
-func TestWriteAfterHijackFailsAsWithoutWrapper(t *testing.T) {
-	errs := make(chan error, 3)
-	ran := make(chan struct{})
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { close(ran); return nil })
-		conn, _, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			t.Errorf("Hijack through the wrapper: %v", err)
-			return
-		}
-		conn.Close()
-		_, _, err = http.NewResponseController(w).Hijack()
-		errs <- err
-		_, err = io.WriteString(w, "too late")
-		errs <- err
-		_, err = io.Copy(w, readerOnly{strings.NewReader("too late")}) // through ReadFrom
-		errs <- err
-	})
-	srv := serveLogging(t, h, io.Discard)
-	if resp, err := srv.Client().Get(srv.URL); err == nil {
-		resp.Body.Close()
-	}
-	for _, call := range []string{"a second Hijack", "Write", "io.Copy"} {
-		if err := await(t, errs, "the handler"); !errors.Is(err, http.ErrHijacked) {
-			t.Errorf("%s after Hijack returned %v; want http.ErrHijacked", call, err)
-		}
-	}
-	await(t, ran, "the task")
-	if rec := logs.find(t, "dropped"); rec != nil {
-		t.Errorf("the task was dropped: %v", rec)
-	}
-}
-
-// --- 9. Bounded memory ---
-
-func TestUnsizedBodyStreamsPastBufferLimit(t *testing.T) {
-	testHandlerIsNotHeldBack(t, func(w http.ResponseWriter) {
-		chunk := make([]byte, 1<<10)
-		for n := 0; n <= bufferLimit; n += len(chunk) {
-			w.Write(chunk)
-		}
-	})
-}
-
-func TestSizedBodyIsNeverHeldBack(t *testing.T) {
-	testHandlerIsNotHeldBack(t, func(w http.ResponseWriter) {
-		w.Header().Set("Content-Length", fmt.Sprint(1<<20))
-		w.Write(make([]byte, 16<<10))
-	})
-}
-
-// testHandlerIsNotHeldBack checks that what write writes reaches the client
-// while the handler is still running.
-func testHandlerIsNotHeldBack(t *testing.T, write func(w http.ResponseWriter)) {
-	clientGot := make(chan struct{})
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		write(w)
-		if _, ok := receive(clientGot); !ok {
-			t.Error("timed out waiting for the client to read the first byte")
-		}
-	})
-	srv := serve(t, h)
-	resp, err := srv.Client().Get(srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if _, err := io.ReadFull(resp.Body, make([]byte, 1)); err != nil {
-		t.Fatal(err)
-	}
-	close(clientGot)
-}
-
-// --- 10. Shutdown ---
+// --- 8. TestShutdown…: waits, gives up, and loses nothing silently ---
 
 // waitingContext tells when Shutdown starts to wait on it, which is when it
 // asks for Done.
@@ -1275,7 +1211,7 @@ func TestShutdownDeadlineCancelsRunningAndDropsQueued(t *testing.T) {
 	}
 }
 
-func TestTaskAddedAfterShutdownDeadlineIsDroppedWithLog(t *testing.T) {
+func TestShutdownDeadlinePassedDropsLaterTasksWithALogLine(t *testing.T) {
 	var ran atomic.Bool
 	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/late" {
@@ -1334,7 +1270,7 @@ func TestShutdownReturnsNilOnlyIfNoTaskWasLost(t *testing.T) {
 	}
 }
 
-func TestTaskAddedAfterShutdownReturnedRunsAndIsLogged(t *testing.T) {
+func TestShutdownReturnedThenTaskAddedRunsAndIsLogged(t *testing.T) {
 	release, ran := make(chan struct{}), make(chan struct{})
 	slow := func(w http.ResponseWriter, r *http.Request) {
 		receive(release) // still running when http.TimeoutHandler answers
@@ -1465,158 +1401,6 @@ func TestShutdownIsSafeConcurrentlyAndRepeatedly(t *testing.T) {
 	}
 }
 
-// --- 11. Concurrency ---
-
-func TestEveryTaskRunsExactlyOnceUnderConcurrentRequests(t *testing.T) {
-	const (
-		requests   = 300
-		goroutines = 4 // per request, each adding tasksEach tasks
-		tasksEach  = 2
-		clients    = 16
-	)
-	var runs [requests][goroutines * tasksEach]atomic.Int32
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		id := requestID(r)
-		tasks := background.FromContext(r.Context())
-		var wg sync.WaitGroup
-		for g := 0; g < goroutines; g++ {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for k := 0; k < tasksEach; k++ {
-					slot := &runs[id][g*tasksEach+k]
-					tasks.Add(func(context.Context) error { slot.Add(1); return nil })
-				}
-			}()
-		}
-		wg.Wait()
-	})
-	srv := serve(t, h)
-	getEach(t, srv, requests, clients)
-	shutdown(t, h)
-	for id := range runs {
-		for k := range runs[id] {
-			if n := runs[id][k].Load(); n != 1 {
-				t.Errorf("request %d task %d ran %d times, want once", id, k, n)
-			}
-		}
-	}
-}
-
-// --- 12. Faults ---
-
-func TestTasksRunOnceWhenClientLeavesBeforeReading(t *testing.T) {
-	var runs atomic.Int32
-	added := make(chan struct{})
-	clientGone := make(chan bool, 1)
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { runs.Add(1); return nil })
-		close(added)
-		_, ok := receive(r.Context().Done()) // net/http cancels it when the client leaves
-		clientGone <- ok
-		io.WriteString(w, "nobody reads this")
-	})
-	srv := serve(t, h)
-
-	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.WriteString(conn, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-	await(t, added, "the handler to add its task")
-	conn.Close()
-	if !await(t, clientGone, "the handler to finish") {
-		t.Fatal("the request's context was not canceled: net/http did not see the client leave")
-	}
-	shutdown(t, h)
-	if n := runs.Load(); n != 1 {
-		t.Errorf("the task ran %d times, want once", n)
-	}
-}
-
-func TestSlowReaderHoldsUpNoOtherRequestOrTask(t *testing.T) {
-	const others = 20
-	ran := make(chan string, others+1)
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { ran <- r.URL.Path; return nil })
-		if r.URL.Path != "/big" {
-			io.WriteString(w, "small")
-			return
-		}
-		chunk := make([]byte, 32<<10)
-		for n := 0; n < 256<<20; n += len(chunk) { // far more than the socket buffers hold
-			if _, err := w.Write(chunk); err != nil {
-				return // the slow reader has gone
-			}
-		}
-	})
-	srv := serve(t, h)
-
-	slow, err := net.Dial("tcp", srv.Listener.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer slow.Close()
-	io.WriteString(slow, "GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
-	if _, err := slow.Read(make([]byte, 1)); err != nil { // the response has begun; read no more
-		t.Fatal(err)
-	}
-
-	for i := 0; i < others; i++ {
-		get(t, srv.Client(), fmt.Sprintf("%s/small/%d", srv.URL, i))
-	}
-	for i := 0; i < others; i++ {
-		if path := await(t, ran, "the other requests' tasks"); path == "/big" {
-			t.Fatal("the slow reader's task ran while its response was still being written")
-		}
-	}
-	slow.Close()
-	if path := await(t, ran, "the slow reader's task, once it had gone"); path != "/big" {
-		t.Errorf("extra task from %s", path)
-	}
-}
-
-func TestPanickingAndFailingTasksUnderLoadLeaveTheRestRunningOnce(t *testing.T) {
-	const requests, clients = 200, 8
-	var runs [requests]atomic.Int32
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/alive" {
-			return
-		}
-		id := requestID(r)
-		tasks := []func(context.Context) error{
-			func(context.Context) error { panic(fmt.Sprintf("task of request %d panics", id)) },
-			func(context.Context) error { return fmt.Errorf("task of request %d fails", id) },
-			func(context.Context) error { runs[id].Add(1); return nil },
-		}
-		for k := range tasks { // the counting task comes first, second or last
-			addTask(r, tasks[(k+id)%len(tasks)])
-		}
-	})
-	srv := serve(t, h)
-	getEach(t, srv, requests, clients)
-	shutdown(t, h)
-
-	get(t, srv.Client(), srv.URL+"/alive")
-	for id := range runs {
-		if n := runs[id].Load(); n != 1 {
-			t.Errorf("request %d's counting task ran %d times, want once", id, n)
-		}
-	}
-	panicked, failed := 0, 0
-	for _, rec := range logs.records(t) {
-		switch rec["msg"] {
-		case "background: task panicked":
-			panicked++
-		case "background: task failed":
-			failed++
-		}
-	}
-	if panicked < requests || failed < requests {
-		t.Errorf("logged %d panics and %d failures, want at least %d of each", panicked, failed, requests)
-	}
-}
-
 func TestShutdownRacingRequestsDropsNoTaskWithoutALogLine(t *testing.T) {
 	const clients, requestsEach = 8, 40
 	var added, ran atomic.Int32
@@ -1680,7 +1464,7 @@ func TestShutdownRacingRequestsDropsNoTaskWithoutALogLine(t *testing.T) {
 	}
 }
 
-// --- 13. Safe around a whole mux ---
+// --- 9. TestWriter…: the handler's w ---
 
 func TestWriterKeptByTaskReachesNoOtherResponse(t *testing.T) {
 	const rounds = 50
@@ -1740,25 +1524,158 @@ func TestWriterKeptByTaskReachesNoOtherResponse(t *testing.T) {
 	}
 }
 
-// rawExchange sends request on a new connection to addr, and returns every
-// byte the server sends back until it closes the connection.
-func rawExchange(t *testing.T, addr, request string) string {
-	t.Helper()
-	conn, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
+func TestWriterHijackedConnectionStillRunsTasks(t *testing.T) {
+	ran := make(chan struct{})
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { close(ran); return nil })
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Errorf("Hijack through the wrapper: %v", err)
+			return
+		}
+		defer conn.Close()
+		brw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nhijacked")
+		brw.Flush()
+	})
+	serverLog := new(logBuffer)
+	srv := serveLogging(t, h, serverLog)
+
+	if body := get(t, srv.Client(), srv.URL); body != "hijacked" {
+		t.Errorf("client read %q, want %q", body, "hijacked")
 	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(failSafe))
-	if _, err := io.WriteString(conn, request); err != nil {
-		t.Fatal(err)
+	await(t, ran, "the task of a hijacking handler")
+	srv.Close()
+	if s := serverLog.String(); s != "" {
+		t.Errorf("the wrapper wrote to the hijacked connection; net/http said: %s", s)
 	}
-	got, err := io.ReadAll(conn)
-	if err != nil {
-		t.Fatalf("read %d bytes, then: %v", len(got), err)
-	}
-	return string(got)
 }
+
+func TestWriterWriteAfterHijackFailsAsWithoutWrapper(t *testing.T) {
+	errs := make(chan error, 3)
+	ran := make(chan struct{})
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { close(ran); return nil })
+		conn, _, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Errorf("Hijack through the wrapper: %v", err)
+			return
+		}
+		conn.Close()
+		_, _, err = http.NewResponseController(w).Hijack()
+		errs <- err
+		_, err = io.WriteString(w, "too late")
+		errs <- err
+		_, err = io.Copy(w, readerOnly{strings.NewReader("too late")}) // through ReadFrom
+		errs <- err
+	})
+	srv := serveLogging(t, h, io.Discard)
+	if resp, err := srv.Client().Get(srv.URL); err == nil {
+		resp.Body.Close()
+	}
+	for _, call := range []string{"a second Hijack", "Write", "io.Copy"} {
+		if err := await(t, errs, "the handler"); !errors.Is(err, http.ErrHijacked) {
+			t.Errorf("%s after Hijack returned %v; want http.ErrHijacked", call, err)
+		}
+	}
+	await(t, ran, "the task")
+	if rec := logs.find(t, "dropped"); rec != nil {
+		t.Errorf("the task was dropped: %v", rec)
+	}
+}
+
+func TestWriterResponseControllerReachesServerWriter(t *testing.T) {
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		deadline := time.Now().Add(failSafe)
+		for name, err := range map[string]error{
+			"SetReadDeadline":  rc.SetReadDeadline(deadline),
+			"SetWriteDeadline": rc.SetWriteDeadline(deadline),
+			"EnableFullDuplex": rc.EnableFullDuplex(),
+		} {
+			if err != nil {
+				t.Errorf("%s through the wrapper: %v", name, err)
+			}
+		}
+	})
+	srv := serve(t, h)
+	get(t, srv.Client(), srv.URL)
+}
+
+func TestWriterFlushSendsEachChunkBeforeHandlerGoesOn(t *testing.T) {
+	flushes := map[string]func(w http.ResponseWriter) error{
+		"http.Flusher":            func(w http.ResponseWriter) error { w.(http.Flusher).Flush(); return nil },
+		"http.ResponseController": func(w http.ResponseWriter) error { return http.NewResponseController(w).Flush() },
+	}
+	for name, flush := range flushes {
+		t.Run(name, func(t *testing.T) {
+			clientGot := make(chan struct{})
+			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+				io.WriteString(w, "first")
+				if err := flush(w); err != nil {
+					t.Errorf("Flush: %v", err)
+				}
+				if _, ok := receive(clientGot); !ok {
+					t.Error("timed out waiting for the client to read the flushed chunk")
+				}
+				io.WriteString(w, "second")
+			})
+			srv := serve(t, h)
+			resp, err := srv.Client().Get(srv.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			first := make([]byte, len("first"))
+			if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" {
+				t.Fatalf("read %q, %v before the handler went on; want %q", first, err, "first")
+			}
+			close(clientGot)
+			if rest, err := io.ReadAll(resp.Body); err != nil || string(rest) != "second" {
+				t.Errorf("then read %q, %v; want %q", rest, err, "second")
+			}
+		})
+	}
+}
+
+func TestWriterCopyReportsBytesCopiedAndNoError(t *testing.T) {
+	for _, size := range []int{0, 17, bufferLimit, bufferLimit + 1, 3 * bufferLimit} {
+		for _, sized := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%d bytes, Content-Length %v", size, sized), func(t *testing.T) {
+				type result struct {
+					n   int64
+					err error
+				}
+				results := make(chan result, 1)
+				h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+					if sized {
+						w.Header().Set("Content-Length", fmt.Sprint(size))
+					}
+					n, err := io.Copy(w, readerOnly{bytes.NewReader(make([]byte, size))})
+					results <- result{n, err}
+				})
+				srv := serve(t, h)
+				if body := get(t, srv.Client(), srv.URL); len(body) != size {
+					t.Errorf("client got %d bytes, want %d", len(body), size)
+				}
+				if got := await(t, results, "the handler"); got.n != int64(size) || got.err != nil {
+					t.Errorf("io.Copy = %d, %v; want %d, nil", got.n, got.err, size)
+				}
+			})
+		}
+	}
+}
+
+func TestWriterInvalidStatusPanicsInHandler(t *testing.T) {
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(1000)
+		t.Error("WriteHeader(1000) returned; net/http panics there")
+	})
+	if v := panicOf(h); !strings.Contains(fmt.Sprint(v), "invalid WriteHeader code") {
+		t.Errorf("WriteHeader(1000) panicked with %v, want net/http's message", v)
+	}
+}
+
+// --- 10. TestMux…: safe around a whole mux ---
 
 // writeFile writes size bytes that no two nearby ranges share to a file
 // named name in dir.
@@ -1773,7 +1690,7 @@ func writeFile(t *testing.T, dir, name string, size int) {
 	}
 }
 
-func TestFileServerSendsTheSameBytesWithOrWithoutWrapper(t *testing.T) {
+func TestMuxFileServerSendsTheSameBytesWithOrWithoutWrapper(t *testing.T) {
 	dir := t.TempDir()
 	writeFile(t, dir, "big.bin", 300<<10)
 	writeFile(t, dir, "small.bin", 1000)
@@ -1848,7 +1765,7 @@ func (c *readFromConn) ReadFrom(r io.Reader) (int64, error) {
 	return n, err
 }
 
-func TestFileServerThroughWrapperReachesSendfile(t *testing.T) {
+func TestMuxFileServerThroughWrapperReachesSendfile(t *testing.T) {
 	const size = 300 << 10
 	dir := t.TempDir()
 	writeFile(t, dir, "big.bin", size)
@@ -1878,7 +1795,7 @@ func TestFileServerThroughWrapperReachesSendfile(t *testing.T) {
 	}
 }
 
-func TestMaxBytesHandlerAnswersAStalledClientAtOnce(t *testing.T) {
+func TestMuxMaxBytesHandlerAnswersAStalledClientAtOnce(t *testing.T) {
 	ran := make(chan struct{})
 	inner := func(w http.ResponseWriter, r *http.Request) {
 		addTask(r, func(context.Context) error { close(ran); return nil })
@@ -1910,7 +1827,7 @@ func TestMaxBytesHandlerAnswersAStalledClientAtOnce(t *testing.T) {
 	await(t, ran, "the task")
 }
 
-func TestUploadedFilesAreRemovedBeforeTasksStart(t *testing.T) {
+func TestMuxUploadedFilesAreRemovedBeforeTasksStart(t *testing.T) {
 	dir := t.TempDir()
 	t.Setenv("TMPDIR", dir) // where mime/multipart keeps uploads too large for memory
 	files := func() int {
@@ -1948,7 +1865,7 @@ func TestUploadedFilesAreRemovedBeforeTasksStart(t *testing.T) {
 	}
 }
 
-func TestTooLargeResponseKeepsAnHTTP2Connection(t *testing.T) {
+func TestMuxTooLargeResponseKeepsAnHTTP2Connection(t *testing.T) {
 	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "too large", http.StatusRequestEntityTooLarge)
 	})
@@ -1981,9 +1898,7 @@ func TestTooLargeResponseKeepsAnHTTP2Connection(t *testing.T) {
 	}
 }
 
-// The differences from net/http that Handler's doc lists.
-
-func TestMiddlewareOutsideWrapperSeesNoPattern(t *testing.T) {
+func TestMuxMiddlewareOutsideWrapperSeesNoPattern(t *testing.T) {
 	type seen struct{ pattern, email string }
 	outside, inside := make(chan seen, 1), make(chan seen, 1)
 	record := func(ch chan seen, next http.Handler) http.Handler {
@@ -2010,7 +1925,201 @@ func TestMiddlewareOutsideWrapperSeesNoPattern(t *testing.T) {
 	}
 }
 
-func TestHeaderChangedAfterWriteHeaderIsSentWhileHeldBack(t *testing.T) {
+// ===========================================================================
+// A first reading can stop here. What follows compares the wrapper with
+// net/http alone, by hand (11) and by fuzzing (12), and measures it (13).
+// ===========================================================================
+
+// --- 11. TestTransparent…: the same response as without the wrapper ---
+
+// response is what a client saw of one response.
+type response struct {
+	Informational []string // 1xx responses, each with its header
+	Status        int
+	Header        http.Header // without Date, Content-Length and Transfer-Encoding
+	Body          string
+	Trailer       http.Header
+	Err           string // "" if the body was read to its end
+}
+
+// fetch sends method to url and records everything the client sees.
+func fetch(t *testing.T, c *http.Client, method, url string) response {
+	t.Helper()
+	var got response
+	trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+		got.Informational = append(got.Informational, fmt.Sprint(code, " ", h))
+		return nil
+	}}
+	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), method, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		got.Err = "no response: " + err.Error()
+		return got
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		got.Err = err.Error()
+	}
+	got.Status, got.Header, got.Body, got.Trailer = resp.StatusCode, resp.Header, string(body), resp.Trailer
+	for _, k := range []string{"Date", "Content-Length", "Transfer-Encoding"} {
+		got.Header.Del(k)
+	}
+	return got
+}
+
+// compare fetches method url from both servers and reports any difference.
+func compare(t *testing.T, bare, wrapped *httptest.Server, method, path string) {
+	t.Helper()
+	want := fetch(t, bare.Client(), method, bare.URL+path)
+	got := fetch(t, wrapped.Client(), method, wrapped.URL+path)
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("%s %s:\nwrapped: %s\nbare:    %s", method, path, summary(got), summary(want))
+	}
+}
+
+func summary(r response) string {
+	body := r.Body
+	if len(body) > 40 {
+		body = fmt.Sprintf("%.40q... (%d bytes)", body, len(body))
+	}
+	return fmt.Sprintf("1xx %v, status %d, header %v, body %s, trailer %v, err %q", r.Informational, r.Status, r.Header, body, r.Trailer, r.Err)
+}
+
+func TestTransparentResponseIsTheSameWithOrWithoutWrapper(t *testing.T) {
+	chunked := func(w http.ResponseWriter, size int) {
+		chunk := bytes.Repeat([]byte("0123456789abcdef"), 2<<10)
+		for size > 0 {
+			n := min(size, len(chunk))
+			w.Write(chunk[:n])
+			size -= n
+		}
+	}
+	cases := map[string]http.HandlerFunc{
+		"/json": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			io.WriteString(w, `{"message":"Notification sent successfully!"}`)
+		},
+		"/empty": func(w http.ResponseWriter, r *http.Request) {},
+		"/sniffed": func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "<!DOCTYPE html><title>hi</title>")
+		},
+		"/not-found": func(w http.ResponseWriter, r *http.Request) { http.NotFound(w, r) },
+		"/500-no-body": func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(http.StatusInternalServerError)
+		},
+		"/204": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Id", "7")
+			w.WriteHeader(http.StatusNoContent)
+			w.Write([]byte("no body allowed"))
+		},
+		"/304": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("ETag", `"v1"`)
+			w.Header().Set("Content-Type", "text/plain")
+			w.WriteHeader(http.StatusNotModified)
+		},
+		"/content-length": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "11")
+			w.WriteHeader(http.StatusCreated)
+			io.WriteString(w, "hello world")
+		},
+		"/103-early-hints": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Link", "</style.css>; rel=preload")
+			w.WriteHeader(http.StatusEarlyHints)
+			w.Header().Set("X-Final", "yes")
+			w.WriteHeader(http.StatusCreated)
+			io.WriteString(w, "after the hints")
+		},
+		"/header-changed-after-write": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Before", "sent")
+			chunked(w, 100<<10)
+			w.Header().Set("X-After", "ignored")
+		},
+		"/just-over-buffer": func(w http.ResponseWriter, r *http.Request) { chunked(w, bufferLimit+1) },
+		"/multi-megabyte":   func(w http.ResponseWriter, r *http.Request) { chunked(w, 5<<20) },
+		"/flushed": func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "first ")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "second")
+		},
+		"/declared-trailer": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Trailer", "X-Checksum")
+			io.WriteString(w, "body")
+			w.Header().Set("X-Checksum", "abc")
+		},
+		"/prefixed-trailer-after-streaming": func(w http.ResponseWriter, r *http.Request) {
+			chunked(w, bufferLimit+1)
+			w.Header().Set(http.TrailerPrefix+"X-Late", "xyz")
+		},
+		"/content-length-after-write": func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "longer than five")
+			w.Header().Set("Content-Length", "5")
+		},
+		"/chunked-after-write-header": func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(http.StatusOK)
+			w.Header().Set("Transfer-Encoding", "chunked")
+			io.WriteString(w, "small")
+		},
+		"/trailer-declared-after-write-header": func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(http.StatusOK)
+			w.Header().Set("Trailer", "X-Checksum")
+			io.WriteString(w, "body")
+		},
+		"/read-from": func(w http.ResponseWriter, r *http.Request) {
+			io.Copy(w, readerOnly{strings.NewReader("read, not written")})
+		},
+		"/read-from-past-buffer": func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "written first, ")
+			io.Copy(w, readerOnly{bytes.NewReader(bytes.Repeat([]byte("0123456789abcdef"), bufferLimit/16))})
+		},
+		"/read-from-sized": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "17")
+			io.Copy(w, readerOnly{strings.NewReader("read, not written")})
+		},
+		"/short-content-length": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "100")
+			io.WriteString(w, "too short")
+		},
+	}
+	mux := http.NewServeMux()
+	for path, handler := range cases {
+		mux.Handle(path, handler)
+	}
+	bare := serve(t, mux)
+	h, _ := wrap(t, mux.ServeHTTP)
+	wrapped := serve(t, h)
+	for path := range cases {
+		for _, method := range []string{"GET", "HEAD"} {
+			t.Run(method+path, func(t *testing.T) { compare(t, bare, wrapped, method, path) })
+		}
+	}
+}
+
+func TestTransparentHeadResponseWithoutBodyClaimsNoLength(t *testing.T) {
+	// A handler may skip the body of a HEAD response: that does not make the
+	// body empty, so the response must not say Content-Length: 0.
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodHead {
+			io.WriteString(w, "the body of a GET")
+		}
+	})
+	srv := serve(t, h)
+	resp, err := srv.Client().Head(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if cl, ok := resp.Header["Content-Length"]; ok {
+		t.Errorf("HEAD response with no body written has Content-Length %v; want none", cl)
+	}
+}
+
+// The differences from net/http that Handler's doc lists.
+
+func TestTransparentHeaderChangedAfterWriteHeaderIsSentWhileHeldBack(t *testing.T) {
 	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Before", "1")
 		w.WriteHeader(http.StatusAccepted)
@@ -2024,7 +2133,7 @@ func TestHeaderChangedAfterWriteHeaderIsSentWhileHeldBack(t *testing.T) {
 	}
 }
 
-func TestPrefixedTrailerOfAHeldBackBodyIsDropped(t *testing.T) {
+func TestTransparentPrefixedTrailerOfAHeldBackBodyIsDropped(t *testing.T) {
 	for _, named := range []string{"before the body", "after the body"} {
 		t.Run(named, func(t *testing.T) {
 			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
@@ -2045,57 +2154,7 @@ func TestPrefixedTrailerOfAHeldBackBodyIsDropped(t *testing.T) {
 	}
 }
 
-func TestPanicAfterWritingSendsNoneOfTheHeldBackBody(t *testing.T) {
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		w.Write(make([]byte, 8<<10)) // without the wrapper, some of it would be on its way
-		panic(http.ErrAbortHandler)
-	})
-	srv := serve(t, h)
-	got := rawExchange(t, srv.Listener.Addr().String(), "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-	if got != "" {
-		t.Errorf("the client got %d bytes (%.40q...); the doc says it gets none", len(got), got)
-	}
-}
-
-func TestUnflushedBodyIsHeldBackUntilHandlerReturns(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	wire := &wireLog{Listener: ln}
-	wrote, looked := make(chan struct{}), make(chan struct{})
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		for i := 0; i < 8; i++ { // a slow stream, 1 KiB at a time, never flushed
-			w.Write(make([]byte, 1<<10))
-		}
-		close(wrote)
-		receive(looked)
-	})
-	srv := httptest.NewUnstartedServer(h)
-	srv.Listener = wire
-	srv.Start()
-	defer srv.Close()
-	srv.Client().Timeout = failSafe
-
-	bodies := make(chan string, 1)
-	go func() {
-		body, err := tryGet(srv.Client(), srv.URL)
-		if err != nil {
-			body = err.Error()
-		}
-		bodies <- body
-	}()
-	await(t, wrote, "the handler to write")
-	if sent := wire.sent(); len(sent) != 0 {
-		t.Errorf("%d bytes reached the wire while the handler ran; the doc says none until it returns", len(sent))
-	}
-	close(looked)
-	if body := await(t, bodies, "the response"); len(body) != 8<<10 {
-		t.Errorf("then the client got %d bytes, want %d", len(body), 8<<10)
-	}
-}
-
-// --- Fuzzing ---
+// --- 12. FuzzTransparent ---
 
 // runOps plays ops as a handler's calls on w. Each byte is one call: its low
 // two bits choose which, the rest its argument.
@@ -2195,7 +2254,7 @@ func FuzzTransparent(f *testing.F) {
 	})
 }
 
-// --- Benchmarks ---
+// --- 13. Benchmarks ---
 
 // discardWriter is a minimal http.ResponseWriter, so that benchmarks measure
 // the handlers rather than a recorder.
