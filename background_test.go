@@ -1587,13 +1587,16 @@ func TestWriterResponseControllerReachesServerWriter(t *testing.T) {
 	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		rc := http.NewResponseController(w)
 		deadline := time.Now().Add(failSafe)
-		for name, err := range map[string]error{
-			"SetReadDeadline":  rc.SetReadDeadline(deadline),
-			"SetWriteDeadline": rc.SetWriteDeadline(deadline),
-			"EnableFullDuplex": rc.EnableFullDuplex(),
+		for _, call := range []struct {
+			name string
+			err  error
+		}{
+			{"SetReadDeadline", rc.SetReadDeadline(deadline)},
+			{"SetWriteDeadline", rc.SetWriteDeadline(deadline)},
+			{"EnableFullDuplex", rc.EnableFullDuplex()},
 		} {
-			if err != nil {
-				t.Errorf("%s through the wrapper: %v", name, err)
+			if call.err != nil {
+				t.Errorf("%s through the wrapper: %v", call.name, call.err)
 			}
 		}
 	})
@@ -1602,16 +1605,19 @@ func TestWriterResponseControllerReachesServerWriter(t *testing.T) {
 }
 
 func TestWriterFlushSendsEachChunkBeforeHandlerGoesOn(t *testing.T) {
-	flushes := map[string]func(w http.ResponseWriter) error{
-		"http.Flusher":            func(w http.ResponseWriter) error { w.(http.Flusher).Flush(); return nil },
-		"http.ResponseController": func(w http.ResponseWriter) error { return http.NewResponseController(w).Flush() },
+	flushes := []struct {
+		name  string
+		flush func(w http.ResponseWriter) error
+	}{
+		{"http.Flusher", func(w http.ResponseWriter) error { w.(http.Flusher).Flush(); return nil }},
+		{"http.ResponseController", func(w http.ResponseWriter) error { return http.NewResponseController(w).Flush() }},
 	}
-	for name, flush := range flushes {
-		t.Run(name, func(t *testing.T) {
+	for _, tc := range flushes {
+		t.Run(tc.name, func(t *testing.T) {
 			clientGot := make(chan struct{})
 			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 				io.WriteString(w, "first")
-				if err := flush(w); err != nil {
+				if err := tc.flush(w); err != nil {
 					t.Errorf("Flush: %v", err)
 				}
 				if _, ok := receive(clientGot); !ok {
@@ -1708,18 +1714,18 @@ func TestMuxFileServerSendsTheSameBytesWithOrWithoutWrapper(t *testing.T) {
 		}
 		return raw
 	}
-	cases := map[string]string{
-		"whole file":      "GET /big.bin HTTP/1.1\r\n",
-		"small file":      "GET /small.bin HTTP/1.1\r\n",
-		"single range":    "GET /big.bin HTTP/1.1\r\nRange: bytes=1000-99999\r\n",
-		"multiple ranges": "GET /big.bin HTTP/1.1\r\nRange: bytes=0-99,70000-80000,250000-\r\n",
-		"HEAD":            "HEAD /big.bin HTTP/1.1\r\n",
-		"HEAD of a range": "HEAD /big.bin HTTP/1.1\r\nRange: bytes=5-9\r\n",
-		"not modified":    "GET /small.bin HTTP/1.1\r\nIf-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT\r\n",
+	cases := []struct{ name, request string }{
+		{"whole file", "GET /big.bin HTTP/1.1\r\n"},
+		{"small file", "GET /small.bin HTTP/1.1\r\n"},
+		{"single range", "GET /big.bin HTTP/1.1\r\nRange: bytes=1000-99999\r\n"},
+		{"multiple ranges", "GET /big.bin HTTP/1.1\r\nRange: bytes=0-99,70000-80000,250000-\r\n"},
+		{"HEAD", "HEAD /big.bin HTTP/1.1\r\n"},
+		{"HEAD of a range", "HEAD /big.bin HTTP/1.1\r\nRange: bytes=5-9\r\n"},
+		{"not modified", "GET /small.bin HTTP/1.1\r\nIf-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT\r\n"},
 	}
-	for name, request := range cases {
-		t.Run(name, func(t *testing.T) {
-			request += "Host: test\r\nConnection: close\r\n\r\n"
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			request := tc.request + "Host: test\r\nConnection: close\r\n\r\n"
 			want := normalize(rawExchange(t, bare.Listener.Addr().String(), request))
 			got := normalize(rawExchange(t, wrapped.Listener.Addr().String(), request))
 			if got != want {
@@ -1771,14 +1777,17 @@ func TestMuxFileServerThroughWrapperReachesSendfile(t *testing.T) {
 	writeFile(t, dir, "big.bin", size)
 	files := http.FileServer(http.Dir(dir))
 	h, _ := wrap(t, files.ServeHTTP)
-	for name, handler := range map[string]http.Handler{"bare": files, "wrapped": h} {
-		t.Run(name, func(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		handler http.Handler
+	}{{"bare", files}, {"wrapped", h}} {
+		t.Run(tc.name, func(t *testing.T) {
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
 				t.Fatal(err)
 			}
 			counter := &readFromListener{Listener: ln}
-			srv := httptest.NewUnstartedServer(handler)
+			srv := httptest.NewUnstartedServer(tc.handler)
 			srv.Listener = counter
 			srv.Start()
 			defer srv.Close()
@@ -1998,102 +2007,105 @@ func TestTransparentResponseIsTheSameWithOrWithoutWrapper(t *testing.T) {
 			size -= n
 		}
 	}
-	cases := map[string]http.HandlerFunc{
-		"/json": func(w http.ResponseWriter, r *http.Request) {
+	cases := []struct {
+		path    string
+		handler http.HandlerFunc
+	}{
+		{"/json", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "application/json")
 			io.WriteString(w, `{"message":"Notification sent successfully!"}`)
-		},
-		"/empty": func(w http.ResponseWriter, r *http.Request) {},
-		"/sniffed": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/empty", func(w http.ResponseWriter, r *http.Request) {}},
+		{"/sniffed", func(w http.ResponseWriter, r *http.Request) {
 			io.WriteString(w, "<!DOCTYPE html><title>hi</title>")
-		},
-		"/not-found": func(w http.ResponseWriter, r *http.Request) { http.NotFound(w, r) },
-		"/500-no-body": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/not-found", func(w http.ResponseWriter, r *http.Request) { http.NotFound(w, r) }},
+		{"/500-no-body", func(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(http.StatusInternalServerError)
-		},
-		"/204": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/204", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("X-Id", "7")
 			w.WriteHeader(http.StatusNoContent)
 			w.Write([]byte("no body allowed"))
-		},
-		"/304": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/304", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("ETag", `"v1"`)
 			w.Header().Set("Content-Type", "text/plain")
 			w.WriteHeader(http.StatusNotModified)
-		},
-		"/content-length": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/content-length", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Length", "11")
 			w.WriteHeader(http.StatusCreated)
 			io.WriteString(w, "hello world")
-		},
-		"/103-early-hints": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/103-early-hints", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Link", "</style.css>; rel=preload")
 			w.WriteHeader(http.StatusEarlyHints)
 			w.Header().Set("X-Final", "yes")
 			w.WriteHeader(http.StatusCreated)
 			io.WriteString(w, "after the hints")
-		},
-		"/header-changed-after-write": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/header-changed-after-write", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("X-Before", "sent")
 			chunked(w, 100<<10)
 			w.Header().Set("X-After", "ignored")
-		},
-		"/just-over-buffer": func(w http.ResponseWriter, r *http.Request) { chunked(w, bufferLimit+1) },
-		"/multi-megabyte":   func(w http.ResponseWriter, r *http.Request) { chunked(w, 5<<20) },
-		"/flushed": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/just-over-buffer", func(w http.ResponseWriter, r *http.Request) { chunked(w, bufferLimit+1) }},
+		{"/multi-megabyte", func(w http.ResponseWriter, r *http.Request) { chunked(w, 5<<20) }},
+		{"/flushed", func(w http.ResponseWriter, r *http.Request) {
 			io.WriteString(w, "first ")
 			w.(http.Flusher).Flush()
 			io.WriteString(w, "second")
-		},
-		"/declared-trailer": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/declared-trailer", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Trailer", "X-Checksum")
 			io.WriteString(w, "body")
 			w.Header().Set("X-Checksum", "abc")
-		},
-		"/prefixed-trailer-after-streaming": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/prefixed-trailer-after-streaming", func(w http.ResponseWriter, r *http.Request) {
 			chunked(w, bufferLimit+1)
 			w.Header().Set(http.TrailerPrefix+"X-Late", "xyz")
-		},
-		"/content-length-after-write": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/content-length-after-write", func(w http.ResponseWriter, r *http.Request) {
 			io.WriteString(w, "longer than five")
 			w.Header().Set("Content-Length", "5")
-		},
-		"/chunked-after-write-header": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/chunked-after-write-header", func(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(http.StatusOK)
 			w.Header().Set("Transfer-Encoding", "chunked")
 			io.WriteString(w, "small")
-		},
-		"/trailer-declared-after-write-header": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/trailer-declared-after-write-header", func(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(http.StatusOK)
 			w.Header().Set("Trailer", "X-Checksum")
 			io.WriteString(w, "body")
-		},
-		"/read-from": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/read-from", func(w http.ResponseWriter, r *http.Request) {
 			io.Copy(w, readerOnly{strings.NewReader("read, not written")})
-		},
-		"/read-from-past-buffer": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/read-from-past-buffer", func(w http.ResponseWriter, r *http.Request) {
 			io.WriteString(w, "written first, ")
 			io.Copy(w, readerOnly{bytes.NewReader(bytes.Repeat([]byte("0123456789abcdef"), bufferLimit/16))})
-		},
-		"/read-from-sized": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/read-from-sized", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Length", "17")
 			io.Copy(w, readerOnly{strings.NewReader("read, not written")})
-		},
-		"/short-content-length": func(w http.ResponseWriter, r *http.Request) {
+		}},
+		{"/short-content-length", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Length", "100")
 			io.WriteString(w, "too short")
-		},
+		}},
 	}
 	mux := http.NewServeMux()
-	for path, handler := range cases {
-		mux.Handle(path, handler)
+	for _, tc := range cases {
+		mux.Handle(tc.path, tc.handler)
 	}
 	bare := serve(t, mux)
 	h, _ := wrap(t, mux.ServeHTTP)
 	wrapped := serve(t, h)
-	for path := range cases {
+	for _, tc := range cases {
 		for _, method := range []string{"GET", "HEAD"} {
-			t.Run(method+path, func(t *testing.T) { compare(t, bare, wrapped, method, path) })
+			t.Run(method+tc.path, func(t *testing.T) { compare(t, bare, wrapped, method, tc.path) })
 		}
 	}
 }
