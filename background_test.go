@@ -1078,26 +1078,29 @@ func TestPanicAfterWritingSendsNoneOfTheHeldBackBody(t *testing.T) {
 
 // --- 7. TestAdd…: misuse panics clearly; a late Add still runs ---
 
-func TestAddWithoutNewHandlerPanicsSayingSo(t *testing.T) {
+func TestAddMisusePanicsSayingWhat(t *testing.T) {
 	if tasks := background.FromContext(context.Background()); tasks != nil {
 		t.Fatalf("FromContext outside a wrapped handler = %v, want nil", tasks)
 	}
-	for name, tasks := range map[string]*background.Tasks{"nil": nil, "zero": {}} {
-		func() {
-			defer func() {
-				if v := recover(); !strings.Contains(fmt.Sprint(v), "NewHandler") {
-					t.Errorf("Add on a %s Tasks panicked with %v; want a message naming NewHandler", name, v)
-				}
-			}()
-			tasks.Add(func(context.Context) error { return nil })
-		}()
+	noop := func(context.Context) error { return nil }
+	nilTask, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) { addTask(r, nil) })
+	cases := []struct {
+		name   string
+		misuse http.HandlerFunc // serves one request, in the test's goroutine
+		want   string           // in the panic's message
+	}{
+		{"nil Tasks", func(http.ResponseWriter, *http.Request) { (*background.Tasks)(nil).Add(noop) }, "NewHandler"},
+		{"zero Tasks", func(http.ResponseWriter, *http.Request) { new(background.Tasks).Add(noop) }, "NewHandler"},
+		{"FromContext outside the wrapper", func(w http.ResponseWriter, r *http.Request) { addTask(r, noop) }, "NewHandler"},
+		{"nil task", nilTask.ServeHTTP, "nil task"},
+		{"NewHandler(nil)", func(http.ResponseWriter, *http.Request) { background.NewHandler(nil) }, "nil handler"},
 	}
-}
-
-func TestAddNilTaskPanics(t *testing.T) {
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) { addTask(r, nil) })
-	if v := panicOf(h); !strings.Contains(fmt.Sprint(v), "nil task") {
-		t.Errorf("Add(nil) panicked with %v; want a message saying the task is nil", v)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if v := panicOf(tc.misuse); !strings.Contains(fmt.Sprint(v), tc.want) {
+				t.Errorf("panicked with %v; want a panic whose message contains %q", v, tc.want)
+			}
+		})
 	}
 }
 
