@@ -545,27 +545,44 @@ func readWholeResponse(raw []byte, method, want string) error {
 	return nil
 }
 
-func TestResponseStreamedDoesNotWaitForTask(t *testing.T) {
-	const size = 3 << 20
-	block := make(chan struct{})
-	defer close(block)
-	started := make(chan struct{})
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error {
-			close(started)
-			<-block
-			return nil
-		})
-		chunk := bytes.Repeat([]byte("y"), 32<<10)
-		for n := 0; n < size; n += len(chunk) {
-			w.Write(chunk)
-		}
-	})
-	srv := serve(t, h)
-	if body := get(t, srv.Client(), srv.URL); len(body) != size {
-		t.Fatalf("got %d bytes, want %d", len(body), size)
+func TestResponseStreamedOrFlushedDoesNotWaitForTask(t *testing.T) {
+	cases := []struct {
+		name  string
+		write func(w http.ResponseWriter)
+		size  int
+	}{
+		{"past the buffer limit", func(w http.ResponseWriter) {
+			chunk := bytes.Repeat([]byte("y"), 32<<10)
+			for n := 0; n < 3<<20; n += len(chunk) {
+				w.Write(chunk)
+			}
+		}, 3 << 20},
+		{"flushed", func(w http.ResponseWriter) {
+			io.WriteString(w, "first ")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "second")
+		}, len("first second")},
 	}
-	await(t, started, "the task to start")
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			block := make(chan struct{})
+			defer close(block)
+			started := make(chan struct{})
+			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+				addTask(r, func(context.Context) error {
+					close(started)
+					<-block
+					return nil
+				})
+				tc.write(w)
+			})
+			srv := serve(t, h)
+			if body := get(t, srv.Client(), srv.URL); len(body) != tc.size {
+				t.Fatalf("got %d bytes, want %d", len(body), tc.size)
+			}
+			await(t, started, "the task to start")
+		})
+	}
 }
 
 func TestResponseUnflushedBodyIsHeldBackUntilHandlerReturns(t *testing.T) {
@@ -606,42 +623,48 @@ func TestResponseUnflushedBodyIsHeldBackUntilHandlerReturns(t *testing.T) {
 	}
 }
 
-func TestResponseUnsizedBodyStreamsPastBufferLimit(t *testing.T) {
-	testHandlerIsNotHeldBack(t, func(w http.ResponseWriter) {
-		chunk := make([]byte, 1<<10)
-		for n := 0; n <= bufferLimit; n += len(chunk) {
-			w.Write(chunk)
-		}
-	})
-}
-
-func TestResponseSizedBodyIsNeverHeldBack(t *testing.T) {
-	testHandlerIsNotHeldBack(t, func(w http.ResponseWriter) {
-		w.Header().Set("Content-Length", fmt.Sprint(1<<20))
-		w.Write(make([]byte, 16<<10))
-	})
-}
-
-// testHandlerIsNotHeldBack checks that what write writes reaches the client
-// while the handler is still running.
-func testHandlerIsNotHeldBack(t *testing.T, write func(w http.ResponseWriter)) {
-	clientGot := make(chan struct{})
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		write(w)
-		if _, ok := receive(clientGot); !ok {
-			t.Error("timed out waiting for the client to read the first byte")
-		}
-	})
-	srv := serve(t, h)
-	resp, err := srv.Client().Get(srv.URL)
-	if err != nil {
-		t.Fatal(err)
+func TestResponseIsNotHeldBackOnceSizedFlushedOrPastTheLimit(t *testing.T) {
+	cases := []struct {
+		name  string
+		write func(w http.ResponseWriter)
+	}{
+		{"unsized body past the buffer limit", func(w http.ResponseWriter) {
+			chunk := make([]byte, 1<<10)
+			for n := 0; n <= bufferLimit; n += len(chunk) {
+				w.Write(chunk)
+			}
+		}},
+		{"sized body", func(w http.ResponseWriter) {
+			w.Header().Set("Content-Length", fmt.Sprint(1<<20))
+			w.Write(make([]byte, 16<<10))
+		}},
+		{"flushed body", func(w http.ResponseWriter) {
+			io.WriteString(w, "x")
+			w.(http.Flusher).Flush()
+		}},
 	}
-	defer resp.Body.Close()
-	if _, err := io.ReadFull(resp.Body, make([]byte, 1)); err != nil {
-		t.Fatal(err)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			// What the handler wrote reaches the client while it still runs.
+			clientGot := make(chan struct{})
+			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+				tc.write(w)
+				if _, ok := receive(clientGot); !ok {
+					t.Error("timed out waiting for the client to read the first byte")
+				}
+			})
+			srv := serve(t, h)
+			resp, err := srv.Client().Get(srv.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			if _, err := io.ReadFull(resp.Body, make([]byte, 1)); err != nil {
+				t.Fatal(err)
+			}
+			close(clientGot)
+		})
 	}
-	close(clientGot)
 }
 
 // --- 2. TestConnection…: the connection is free while tasks run ---
