@@ -1550,9 +1550,13 @@ func TestWriterKeptByTaskReachesNoOtherResponse(t *testing.T) {
 	}
 }
 
-func TestWriterHijackedConnectionStillRunsTasks(t *testing.T) {
+// After Hijack, the connection is the handler's alone: the wrapper's writes
+// fail with http.ErrHijacked, as net/http's own writer's do, and write
+// nothing to it, yet the request's tasks still run.
+func TestWriterHijackHandsOverTheConnectionAndTasksStillRun(t *testing.T) {
+	errs := make(chan error, 3)
 	ran := make(chan struct{})
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		addTask(r, func(context.Context) error { close(ran); return nil })
 		conn, brw, err := http.NewResponseController(w).Hijack()
 		if err != nil {
@@ -1560,6 +1564,12 @@ func TestWriterHijackedConnectionStillRunsTasks(t *testing.T) {
 			return
 		}
 		defer conn.Close()
+		_, _, err = http.NewResponseController(w).Hijack()
+		errs <- err
+		_, err = io.WriteString(w, "too late")
+		errs <- err
+		_, err = io.Copy(w, readerOnly{strings.NewReader("too late")}) // through ReadFrom
+		errs <- err
 		brw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nhijacked")
 		brw.Flush()
 	})
@@ -1569,43 +1579,18 @@ func TestWriterHijackedConnectionStillRunsTasks(t *testing.T) {
 	if body := get(t, srv.Client(), srv.URL); body != "hijacked" {
 		t.Errorf("client read %q, want %q", body, "hijacked")
 	}
-	await(t, ran, "the task of a hijacking handler")
-	srv.Close()
-	if s := serverLog.String(); s != "" {
-		t.Errorf("the wrapper wrote to the hijacked connection; net/http said: %s", s)
-	}
-}
-
-func TestWriterWriteAfterHijackFailsAsWithoutWrapper(t *testing.T) {
-	errs := make(chan error, 3)
-	ran := make(chan struct{})
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { close(ran); return nil })
-		conn, _, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			t.Errorf("Hijack through the wrapper: %v", err)
-			return
-		}
-		conn.Close()
-		_, _, err = http.NewResponseController(w).Hijack()
-		errs <- err
-		_, err = io.WriteString(w, "too late")
-		errs <- err
-		_, err = io.Copy(w, readerOnly{strings.NewReader("too late")}) // through ReadFrom
-		errs <- err
-	})
-	srv := serveLogging(t, h, io.Discard)
-	if resp, err := srv.Client().Get(srv.URL); err == nil {
-		resp.Body.Close()
-	}
 	for _, call := range []string{"a second Hijack", "Write", "io.Copy"} {
 		if err := await(t, errs, "the handler"); !errors.Is(err, http.ErrHijacked) {
 			t.Errorf("%s after Hijack returned %v; want http.ErrHijacked", call, err)
 		}
 	}
-	await(t, ran, "the task")
+	await(t, ran, "the task of a hijacking handler")
 	if rec := logs.find(t, "dropped"); rec != nil {
 		t.Errorf("the task was dropped: %v", rec)
+	}
+	srv.Close()
+	if s := serverLog.String(); s != "" {
+		t.Errorf("the wrapper wrote to the hijacked connection; net/http said: %s", s)
 	}
 }
 
