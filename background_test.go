@@ -55,9 +55,10 @@ import (
 //                      goroutine.
 //  5. TestFailure…     A task that fails or panics is logged, and the
 //                      request's other tasks still run, under load too.
-//  6. TestPanic…       A handler that panics runs none of its tasks (they are
-//                      dropped with a log line), its panic goes on up
-//                      unchanged, and it sends none of the body held back.
+//  6. TestPanic…       A handler that panics runs none of its tasks, not even
+//                      one added after the panic (each is dropped with a log
+//                      line); its panic goes on up unchanged; and it sends
+//                      none of the body held back.
 //  7. TestAdd…         Misuse panics with a message that says what is wrong.
 //                      Add after the request's tasks have finished still
 //                      runs the task, and Shutdown waits for it.
@@ -1052,29 +1053,51 @@ func TestFailureUnderLoadLeavesTheRestRunningOnce(t *testing.T) {
 // --- 6. TestPanic…: a panicking handler runs no tasks ---
 
 func TestPanicInHandlerRunsNoTasks(t *testing.T) {
-	var ran atomic.Bool
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { ran.Store(true); return nil })
-		io.WriteString(w, "partial")
-		panic("handler blew up")
-	})
-	serverLog := new(logBuffer)
-	srv := serveLogging(t, h, serverLog)
+	for _, late := range []bool{false, true} {
+		name := "task added before the panic"
+		if late {
+			name = "task added after the panic" // by a goroutine the handler left behind
+		}
+		t.Run(name, func(t *testing.T) {
+			var ran atomic.Bool
+			added := make(chan struct{})
+			h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+				tasks := background.FromContext(r.Context())
+				add := func() {
+					tasks.Add(func(context.Context) error { ran.Store(true); return nil })
+					close(added)
+				}
+				if late {
+					go func() {
+						receive(r.Context().Done()) // net/http cancels it once it has recovered the panic
+						add()
+					}()
+				} else {
+					add()
+				}
+				io.WriteString(w, "partial")
+				panic("handler blew up")
+			})
+			serverLog := new(logBuffer)
+			srv := serveLogging(t, h, serverLog)
 
-	if resp, err := srv.Client().Get(srv.URL); err == nil {
-		resp.Body.Close()
-		t.Fatalf("client got %s from a panicking handler; want the connection closed", resp.Status)
-	}
-	shutdown(t, h) // nothing is left to wait for
-	if ran.Load() {
-		t.Error("a task of a panicking handler ran")
-	}
-	if rec := logs.find(t, "dropped"); rec == nil || rec["count"] != 1.0 {
-		t.Errorf("dropped tasks logged as %v; want a count of 1", rec)
-	}
-	srv.Close() // wait for net/http to have logged the panic
-	if !strings.Contains(serverLog.String(), "handler blew up") {
-		t.Errorf("net/http did not log the panic; its log: %q", serverLog.String())
+			if resp, err := srv.Client().Get(srv.URL); err == nil {
+				resp.Body.Close()
+				t.Fatalf("client got %s from a panicking handler; want the connection closed", resp.Status)
+			}
+			await(t, added, "the task to be added")
+			shutdown(t, h) // nothing is left to wait for
+			if ran.Load() {
+				t.Error("a task of a panicking handler ran")
+			}
+			if rec := logs.find(t, "dropped"); rec == nil || rec["count"] != 1.0 || rec["reason"] != "the handler panicked" {
+				t.Errorf("dropped tasks logged as %v; want a count of 1, because the handler panicked", rec)
+			}
+			srv.Close() // wait for net/http to have logged the panic
+			if !strings.Contains(serverLog.String(), "handler blew up") {
+				t.Errorf("net/http did not log the panic; its log: %q", serverLog.String())
+			}
+		})
 	}
 }
 
