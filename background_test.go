@@ -37,7 +37,8 @@ import (
 // This file checks the promises of package background, one section for each,
 // in the order below. A section's tests share its name prefix, so that, say,
 // go test -run TestShutdown . runs that section and no other. Helpers and
-// Examples come first; what only one section uses sits with that section.
+// Examples come first (Example_testing shows how to unit-test a handler that
+// adds tasks); what only one section uses sits with that section.
 //
 //  1. TestResponse…    The client gets the whole response, framed and
 //                      flushed, before any task starts. Streamed and flushed
@@ -416,6 +417,46 @@ func ExampleHandler_Shutdown() {
 	// Output:
 	// Log written: Notification sent to: ada@example.com
 	// all tasks done
+}
+
+// newNotifier is the tutorial's endpoint built to be tested: the work its
+// task does comes in as send, so that a test can pass a fake.
+func newNotifier(send func(email string) error) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /send-notification/{email}", func(w http.ResponseWriter, r *http.Request) {
+		email := r.PathValue("email")
+		background.FromContext(r.Context()).Add(func(ctx context.Context) error { return send(email) })
+		io.WriteString(w, "Notification sent")
+	})
+	return mux
+}
+
+// Example_testing unit-tests a handler that adds tasks, as FastAPI's
+// TestClient does: one request, no network, then a look at what the task did.
+func Example_testing() {
+	var sent []string // the fake's record of the mail it would have sent
+	// Wrap the mux, as in production: the mux sets r.PathValue (called
+	// directly, the handler would see "" unless the test set it with
+	// req.SetPathValue), and without NewHandler, Add panics.
+	h := background.NewHandler(newNotifier(func(email string) error {
+		sent = append(sent, email)
+		return nil
+	}))
+
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("POST", "/send-notification/ada@example.com", nil))
+	fmt.Println(rec.Code, rec.Body.String())
+
+	// Shutdown is how to wait for the tasks. The Handler keeps working
+	// afterwards, so a test may go on serving; but once a Shutdown's deadline
+	// has passed, every later task is dropped.
+	if err := h.Shutdown(context.Background()); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("mail sent to:", sent)
+	// Output:
+	// 200 Notification sent
+	// mail sent to: [ada@example.com]
 }
 
 // --- 1. TestResponse…: the client gets the whole response before any task starts ---
