@@ -75,6 +75,11 @@ func FromContext(ctx context.Context) *Tasks {
 // method and path, and the request's remaining tasks still run. This differs
 // from Starlette on purpose: there, the first exception skips the rest.
 //
+// A handler that answers with an error status (a 4xx or 5xx) still has its
+// tasks run: only a panic discards them. (FastAPI discards them when the
+// endpoint raises HTTPException.) So add tasks once the checks that can fail
+// have passed.
+//
 // Add after the request's tasks have all finished still runs task, at once,
 // and Shutdown waits for it. So does Add from a request that was in flight
 // when a Shutdown returned, from a goroutine left behind by
@@ -267,9 +272,10 @@ func (h *Handler) run(q *queue) {
 		h.running--
 		h.doneLocked(1)
 	}
-	if n := len(q.tasks); n > 0 && !q.returned {
+	if n := len(q.tasks); n > 0 && !q.returned && h.ctx.Err() == nil {
 		// Logged with h.mu held, on this rare path, so that no task added
 		// meanwhile slips past uncounted, and Shutdown cannot return first.
+		// (Once Shutdown has given up, its own line has counted them.)
 		q.log(slog.LevelWarn, "background: tasks dropped", "count", n, "reason", "the handler panicked")
 	}
 	h.doneLocked(len(q.tasks))
