@@ -102,9 +102,10 @@ func (t *Tasks) Add(task func(ctx context.Context) error) {
 	unseen := q.drains != h.drains.Load() // a Shutdown has returned since the request arrived
 	h.mu.Unlock()
 	if late {
-		q.log(slog.LevelWarn, "background: tasks dropped", "count", 1, "reason", "Shutdown's deadline has passed")
+		h.logger().Warn("background: tasks dropped", "count", 1, "reason", "Shutdown's deadline has passed", "method", q.method, "path", q.path)
 	} else if unseen {
-		q.log(slog.LevelWarn, "background: task added after Shutdown returned; it runs, but that Shutdown did not wait for it")
+		h.logger().Warn("background: task added after Shutdown returned; it runs, but that Shutdown did not wait for it",
+			"method", q.method, "path", q.path)
 	}
 }
 
@@ -276,7 +277,7 @@ func (h *Handler) run(q *queue) {
 		// Logged with h.mu held, on this rare path, so that no task added
 		// meanwhile slips past uncounted, and Shutdown cannot return first.
 		// (Once Shutdown has given up, its own line has counted them.)
-		q.log(slog.LevelWarn, "background: tasks dropped", "count", n, "reason", "the handler panicked")
+		h.logger().Warn("background: tasks dropped", "count", n, "reason", "the handler panicked", "method", q.method, "path", q.path)
 	}
 	h.doneLocked(len(q.tasks))
 	q.tasks = nil
@@ -293,11 +294,12 @@ func (h *Handler) run(q *queue) {
 func (h *Handler) runTask(q *queue, t queuedTask) {
 	defer func() {
 		if v := recover(); v != nil {
-			q.log(slog.LevelError, "background: task panicked", "panic", v, "stack", string(debug.Stack()))
+			h.logger().Error("background: task panicked", "method", q.method, "path", q.path,
+				"panic", v, "stack", string(debug.Stack()))
 		}
 	}()
 	if err := t.run(t.ctx); err != nil && !(errors.Is(err, context.Canceled) && t.ctx.Err() != nil) {
-		q.log(slog.LevelError, "background: task failed", "err", err)
+		h.logger().Error("background: task failed", "method", q.method, "path", q.path, "err", err)
 	}
 }
 
@@ -357,11 +359,6 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 }
 
 func (h *Handler) logger() *slog.Logger { return cmp.Or(h.Logger, slog.Default()) }
-
-// log logs msg, with args, and the method and path of q's request.
-func (q *queue) log(level slog.Level, msg string, args ...any) {
-	q.h.logger().Log(context.Background(), level, msg, append(args, "method", q.method, "path", q.path)...)
-}
 
 // taskContext is the context a task runs with: the values of the context
 // given to FromContext, with the cancellation of its Handler. It cannot
