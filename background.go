@@ -89,7 +89,7 @@ func FromContext(ctx context.Context) *Tasks {
 // nil (the request was not served through NewHandler) or task is nil.
 func (t *Tasks) Add(task func(ctx context.Context) error) {
 	if t == nil || t.q == nil || task == nil {
-		panic("background: Add needs a non-nil task, and the Tasks that FromContext returns for a request served through background.NewHandler")
+		panic("background: Add on a nil Tasks (FromContext returns nil unless the request is served through background.NewHandler), or with a nil task")
 	}
 	q, h := t.q, t.q.h
 	h.mu.Lock()
@@ -169,19 +169,21 @@ type Handler struct {
 
 	next    http.Handler
 	ctx     context.Context         // the cancellation every task sees; ended by Shutdown
-	cancel  context.CancelCauseFunc // ends ctx, with the error of the Shutdown that gave up
+	cancel  context.CancelCauseFunc // ends ctx, with the error of the first Shutdown that gave up
 	buffers sync.Pool               // of *bytes.Buffer, for the response writers' held-back bodies
 
-	// mu guards the counts below and every queue's fields. It is one lock
-	// because a task's start and end change its queue and the counts together.
+	// mu guards the counts below, and every queue's tasks and busy flag. It
+	// is one lock because a task's start and end change its queue and the
+	// counts together.
 	mu      sync.Mutex
 	pending int           // tasks added and not yet finished or dropped, in all queues
 	running int           // tasks running now, out of pending
 	idle    chan struct{} // closed when pending drops to 0; nil unless Shutdown waits
 
-	// drains counts the times Shutdown found no task pending, and so
-	// returned. It changes only with mu held, but ServeHTTP reads it without,
-	// to note in each queue when its request arrived.
+	// drains counts the times a Shutdown's wait ended with no task pending,
+	// which is when a Shutdown returns nil. It changes only with mu held, but
+	// ServeHTTP reads it without, to note in each queue when its request
+	// arrived.
 	drains atomic.Int64
 }
 
@@ -336,7 +338,9 @@ func (h *Handler) doneLocked(n int) {
 // as no Shutdown has given up.
 func (h *Handler) Shutdown(ctx context.Context) error {
 	h.mu.Lock()
-	h.idle = cmp.Or(h.idle, make(chan struct{})) // one channel for all who wait
+	if h.idle == nil { // one channel for every Shutdown that waits
+		h.idle = make(chan struct{})
+	}
 	idle := h.idle
 	h.doneLocked(0) // closes idle at once if no task is pending
 	h.mu.Unlock()

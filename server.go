@@ -29,9 +29,9 @@ const maxBuffered = 64 << 10
 // no way to tell the body is complete. With a Content-Length it can.
 //
 // Responses that take no Content-Length from us pass straight through: 1xx,
-// 204 and 304, and those whose handler sets Content-Length or
-// Transfer-Encoding, or declares trailers, before WriteHeader. So does any
-// response once flushed or past maxBuffered bytes.
+// 204 and 304, responses to HEAD, and those whose handler sets
+// Content-Length or Transfer-Encoding, or declares trailers, before
+// WriteHeader. So does any response once flushed or past maxBuffered bytes.
 type responseWriter struct {
 	rw      http.ResponseWriter // the server's, until Hijack or detach
 	req     *http.Request       // the request it answers
@@ -134,9 +134,9 @@ func (w *responseWriter) ReadFrom(src io.Reader) (n int64, err error) {
 
 // send passes the held-back status, headers and body on to rw, with a
 // Content-Length of length unless it is negative, if there is a status and it
-// has not gone already. From then on, the response streams. A write error is left to the caller's
-// next Write or Flush, which sees it again: net/http's writer keeps failing
-// once it has failed.
+// has not gone already. From then on, the response streams. A write error is
+// left to the caller's next Write or Flush, which sees it again: net/http's
+// writer keeps failing once it has failed.
 func (w *responseWriter) send(length int) {
 	if w.status == 0 || w.sent {
 		return

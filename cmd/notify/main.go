@@ -6,8 +6,8 @@
 //	curl -X POST http://127.0.0.1:8000/send-notification/test@example.com
 //
 // Run it with -delay 2s to see that the client does not wait for the task;
-// -h lists the flags. On SIGINT or SIGTERM it stops taking requests, runs the tasks already
-// queued, and exits 0 if they all finished in time.
+// -h lists the flags. On SIGINT or SIGTERM it stops taking requests, runs the
+// tasks already queued, and exits 0 if they all finished in time.
 package main
 
 import (
