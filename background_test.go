@@ -293,15 +293,13 @@ func getEach(t *testing.T, srv *httptest.Server, requests, clients int) {
 	close(ids)
 	var wg sync.WaitGroup
 	for c := 0; c < clients; c++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for id := range ids {
 				if _, err := tryGet(srv.Client(), fmt.Sprintf("%s/?id=%d", srv.URL, id)); err != nil {
 					t.Error(err)
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 }
@@ -903,14 +901,12 @@ func TestOrderEveryTaskRunsExactlyOnceUnderConcurrentRequests(t *testing.T) {
 		tasks := background.FromContext(r.Context())
 		var wg sync.WaitGroup
 		for g := 0; g < goroutines; g++ {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
+			wg.Go(func() {
 				for k := 0; k < tasksEach; k++ {
 					slot := &runs[id][g*tasksEach+k]
 					tasks.Add(func(context.Context) error { slot.Add(1); return nil })
 				}
-			}()
+			})
 		}
 		wg.Wait()
 	})
@@ -1457,9 +1453,7 @@ func TestShutdownIsSafeConcurrentlyAndRepeatedly(t *testing.T) {
 	var wg sync.WaitGroup
 	stop := make(chan struct{})
 	for i := 0; i < 3; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for {
 				select {
 				case <-stop:
@@ -1468,7 +1462,7 @@ func TestShutdownIsSafeConcurrentlyAndRepeatedly(t *testing.T) {
 					shutdown(t, h)
 				}
 			}
-		}()
+		})
 	}
 	getEach(t, srv, requests, clients)
 	close(stop)
@@ -1503,22 +1497,18 @@ func TestShutdownRacingRequestsDropsNoTaskWithoutALogLine(t *testing.T) {
 
 	var wg sync.WaitGroup
 	for c := 0; c < clients; c++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for j := 0; j < requestsEach; j++ {
 				tryGet(srv.Client(), srv.URL) // a request may fail once Shutdown has given up: no matter
 			}
-		}()
+		})
 	}
 	await(t, first, "the first task")
 	var shutdowns sync.WaitGroup
 	for i := 0; i < 3; i++ {
-		shutdowns.Add(1)
-		go func() {
-			defer shutdowns.Done()
+		shutdowns.Go(func() {
 			h.Shutdown(expired())
-		}()
+		})
 	}
 	shutdowns.Wait()
 	wg.Wait()
