@@ -59,7 +59,8 @@ import (
 //  6. TestPanic…       A handler that panics runs none of its tasks, not even
 //                      one added after the panic (each is dropped with a log
 //                      line); its panic goes on up unchanged; and it sends
-//                      none of the body held back.
+//                      none of the body held back. An error status, unlike a
+//                      panic, drops nothing.
 //  7. TestAdd…         Misuse panics with a message that says what is wrong.
 //                      Add after the request's tasks have finished still
 //                      runs the task, and Shutdown waits for it.
@@ -1144,6 +1145,30 @@ func TestPanicPropagatesUnchanged(t *testing.T) {
 		if got := panicOf(h); got != value {
 			t.Errorf("panic(%v) reached the caller as %v", value, got)
 		}
+	}
+}
+
+// Unlike FastAPI's HTTPException, an error status is an answer like any
+// other: only a panic drops the tasks, which is why they should be added once
+// the checks that can fail have passed.
+func TestPanicIsTheOnlyFailureThatDropsTasks(t *testing.T) {
+	ran := make(chan struct{})
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { close(ran); return nil })
+		http.Error(w, "upstream said no", http.StatusBadGateway)
+	})
+	srv := serve(t, h)
+	resp, err := srv.Client().Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadGateway {
+		t.Errorf("status %d, want %d", resp.StatusCode, http.StatusBadGateway)
+	}
+	await(t, ran, "the task of a handler that answered 502")
+	if rec := logs.find(t, "dropped"); rec != nil {
+		t.Errorf("the task was dropped: %v", rec)
 	}
 }
 
