@@ -86,7 +86,7 @@ import (
 // A first reading can stop there. After a comment that says so come:
 //
 // 11. TestTransparent… The client sees the same response with the wrapper as
-//                      without it, except for the differences Handler's doc
+//                      without it, except for the differences the package doc
 //                      lists, each expected exactly: header changes after
 //                      WriteHeader are sent while held back, prefixed
 //                      trailers of a held-back body are dropped, and a HEAD
@@ -2188,7 +2188,7 @@ func TestTransparentResponseIsTheSameWithOrWithoutWrapper(t *testing.T) {
 	}
 }
 
-// The differences from net/http alone that Handler's doc lists, each
+// The differences from net/http alone that the package doc lists, each
 // expected exactly: the test fails if the wrapper differs in any other way,
 // or if net/http alone comes to behave like the wrapper.
 
