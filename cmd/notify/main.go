@@ -30,59 +30,6 @@ import (
 	"example.com/background"
 )
 
-func main() {
-	addr := flag.String("addr", "127.0.0.1:8000", "address to listen on")
-	logPath := flag.String("log", "log.txt", "file the notifications are appended to")
-	delay := flag.Duration("delay", 0, "how long each task waits before writing, like a slow mail server")
-	drain := flag.Duration("drain", 10*time.Second, "how long shutdown waits for responses and tasks")
-	flag.Parse()
-	var bad string
-	switch {
-	case flag.NArg() > 0:
-		bad = fmt.Sprintf("unexpected argument %q", flag.Arg(0))
-	case *logPath == "":
-		bad = "-log must name a file"
-	case *delay < 0:
-		bad = "-delay must not be negative"
-	case *drain <= 0:
-		bad = "-drain must be positive"
-	}
-	if bad != "" {
-		fmt.Fprintln(os.Stderr, "notify:", bad)
-		flag.Usage()
-		os.Exit(2)
-	}
-
-	logFile := &notificationLog{path: *logPath, stdout: os.Stdout}
-	tasks := background.NewHandler(routes(logFile, *delay))
-	if err := serve(newServer(tasks), tasks, *addr, *drain); err != nil {
-		fmt.Fprintln(os.Stderr, "notify:", err)
-		os.Exit(1)
-	}
-}
-
-// newServer returns a server for h whose timeouts keep a slow or idle
-// client from holding a connection forever.
-func newServer(h http.Handler) *http.Server {
-	return &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      10 * time.Second, // the response only: tasks run after it
-		IdleTimeout:       60 * time.Second,
-	}
-}
-
-// routes returns the program's one endpoint. An empty email gets the same
-// handler, so that it is told why (422) rather than "404 page not found".
-func routes(logFile *notificationLog, delay time.Duration) http.Handler {
-	mux := http.NewServeMux()
-	h := sendNotification(logFile, delay)
-	mux.Handle("POST /send-notification/{email}", h)
-	mux.Handle("POST /send-notification/{$}", h)
-	return mux
-}
-
 // sendNotification answers at once and leaves the log line to a task, which
 // runs after the response has been sent. With a delay, the task first waits
 // that long, as if sending an email.
@@ -104,17 +51,32 @@ func sendNotification(logFile *notificationLog, delay time.Duration) http.Handle
 	}
 }
 
-// sleep waits for d and returns nil, or returns ctx.Err() if ctx is
-// canceled first, as it is when shutdown's deadline passes.
-func sleep(ctx context.Context, d time.Duration) error {
-	timer := time.NewTimer(d)
-	defer timer.Stop()
-	select {
-	case <-timer.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+// notificationLog appends lines to a file and echoes each to stdout.
+type notificationLog struct {
+	path   string
+	stdout io.Writer
+
+	mu sync.Mutex // serializes appends, so that concurrent tasks write whole lines
+}
+
+// append adds line to the file. The file is opened for each line, as the
+// tutorial's write_log does, so that it may be moved or deleted meanwhile.
+func (l *notificationLog) append(line string) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
 	}
+	_, err = f.WriteString(line + "\n")
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(l.stdout, "Log written:", line)
+	return nil
 }
 
 // checkEmail accepts a bare address such as ada@example.com and nothing
@@ -151,32 +113,73 @@ func writeJSON(w http.ResponseWriter, status int, key, value string) {
 	w.Write(body)
 }
 
-// notificationLog appends lines to a file and echoes each to stdout.
-type notificationLog struct {
-	path   string
-	stdout io.Writer
-
-	mu sync.Mutex // serializes appends, so that concurrent tasks write whole lines
+// sleep waits for d and returns nil, or returns ctx.Err() if ctx is
+// canceled first, as it is when shutdown's deadline passes.
+func sleep(ctx context.Context, d time.Duration) error {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
-// append adds line to the file. The file is opened for each line, as the
-// tutorial's write_log does, so that it may be moved or deleted meanwhile.
-func (l *notificationLog) append(line string) error {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
-	if err != nil {
-		return err
+// The rest is the server around the endpoint: flags, routes, timeouts, and
+// the two-step shutdown.
+
+func main() {
+	addr := flag.String("addr", "127.0.0.1:8000", "address to listen on")
+	logPath := flag.String("log", "log.txt", "file the notifications are appended to")
+	delay := flag.Duration("delay", 0, "how long each task waits before writing, like a slow mail server")
+	drain := flag.Duration("drain", 10*time.Second, "how long shutdown waits for responses and tasks")
+	flag.Parse()
+	var bad string
+	switch {
+	case flag.NArg() > 0:
+		bad = fmt.Sprintf("unexpected argument %q", flag.Arg(0))
+	case *logPath == "":
+		bad = "-log must name a file"
+	case *delay < 0:
+		bad = "-delay must not be negative"
+	case *drain <= 0:
+		bad = "-drain must be positive"
 	}
-	_, err = f.WriteString(line + "\n")
-	if cerr := f.Close(); err == nil {
-		err = cerr
+	if bad != "" {
+		fmt.Fprintln(os.Stderr, "notify:", bad)
+		flag.Usage()
+		os.Exit(2)
 	}
-	if err != nil {
-		return err
+
+	logFile := &notificationLog{path: *logPath, stdout: os.Stdout}
+	tasks := background.NewHandler(routes(logFile, *delay))
+	if err := serve(newServer(tasks), tasks, *addr, *drain); err != nil {
+		fmt.Fprintln(os.Stderr, "notify:", err)
+		os.Exit(1)
 	}
-	fmt.Fprintln(l.stdout, "Log written:", line)
-	return nil
+}
+
+// routes returns the program's one endpoint. An empty email gets the same
+// handler, so that it is told why (422) rather than "404 page not found".
+func routes(logFile *notificationLog, delay time.Duration) http.Handler {
+	mux := http.NewServeMux()
+	h := sendNotification(logFile, delay)
+	mux.Handle("POST /send-notification/{email}", h)
+	mux.Handle("POST /send-notification/{$}", h)
+	return mux
+}
+
+// newServer returns a server for h whose timeouts keep a slow or idle
+// client from holding a connection forever.
+func newServer(h http.Handler) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second, // the response only: tasks run after it
+		IdleTimeout:       60 * time.Second,
+	}
 }
 
 // serve serves on addr until SIGINT or SIGTERM, then shuts down in two steps
