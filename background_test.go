@@ -1180,9 +1180,7 @@ func TestPanicPropagatesUnchanged(t *testing.T) {
 	}
 }
 
-// Unlike FastAPI's HTTPException, an error status is an answer like any
-// other: only a panic drops the tasks, which is why they should be added once
-// the checks that can fail have passed.
+// An error status is an answer like any other: only a panic drops the tasks.
 func TestPanicIsTheOnlyFailureThatDropsTasks(t *testing.T) {
 	ran := make(chan struct{})
 	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
