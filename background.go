@@ -14,10 +14,11 @@
 //	tasks.Shutdown(ctx)
 //
 // The tasks of one request run one at a time, in order, in a goroutine of
-// their own; tasks of different requests run concurrently. Tasks live in the
-// process's memory: if it dies, or Shutdown gives up, unfinished tasks are
-// lost (the latter with a log line), and nothing is retried. Work that must
-// survive that needs a durable job queue.
+// their own; tasks of different requests run concurrently. [Tasks.Add] says
+// what a task's context is, and what happens when a task or its handler
+// fails. Tasks live in the process's memory: if it dies, or Shutdown gives
+// up, unfinished tasks are lost (the latter with a log line), and nothing is
+// retried. Work that must survive that needs a durable job queue.
 //
 // # Differences from net/http
 //
@@ -90,9 +91,10 @@ type Handler struct {
 	pending, running int           // tasks added and not yet finished or dropped; those of them running now
 	drained          chan struct{} // closed when pending drops to 0; nil unless a Shutdown waits
 
-	// drains counts the times drained was closed. A request notes it as it
-	// arrives, without mu, so that Add can tell that a Shutdown returned
-	// while the request was in flight, without waiting for its new task.
+	// drains counts the times drained was closed, which is when a Shutdown
+	// returns nil. Each request notes it as it arrives, so that Add can tell
+	// that a Shutdown returned meanwhile, without waiting for the new task.
+	// It is atomic so that ServeHTTP need not take mu for every request.
 	drains atomic.Int64
 }
 
@@ -161,18 +163,18 @@ func (h *Handler) release(q *queue, hw *holdingWriter, r *http.Request) {
 		return
 	}
 	q.panicked = true
-	dropped, counted := len(q.tasks), h.ctx.Err() != nil // counted by the Shutdown that gave up
+	dropped, gaveUp := len(q.tasks), h.ctx.Err() != nil // if a Shutdown gave up, its line counted them
 	h.doneLocked(dropped)
 	q.tasks = nil
 	h.mu.Unlock()
-	if dropped > 0 && !counted {
+	if dropped > 0 && !gaveUp {
 		h.logDropped(q, dropped, "the handler panicked")
 	}
 }
 
-// Tasks is the task list of one request, as seen from one context. Get it
-// with [FromContext]; a nil or zero Tasks panics on Add. It is safe for
-// concurrent use.
+// Tasks is the task list of one request. Get it with [FromContext], whose
+// ctx gives the values that tasks added through it see. A nil or zero Tasks
+// panics on Add. It is safe for concurrent use.
 type Tasks struct {
 	q   *queue
 	ctx taskContext // what its tasks run with
@@ -203,9 +205,9 @@ func FromContext(ctx context.Context) *Tasks {
 // error status too: only a panicking handler drops its tasks, with a log line.
 // So add tasks once the checks that can fail have passed.
 //
-// Add after the request's tasks have finished still runs task, and Shutdown
-// waits for it. Add panics if t is nil (the request was not served through a
-// Handler) or task is nil.
+// A task added after the request's other tasks have finished still runs,
+// and Shutdown waits for it. Add panics if t is nil (the request was not
+// served through a Handler) or task is nil.
 func (t *Tasks) Add(task func(ctx context.Context) error) {
 	if t == nil || t.q == nil || task == nil {
 		panic("background: Add on a nil Tasks (FromContext returns nil unless the request is served through background.NewHandler), or with a nil task")
@@ -260,8 +262,8 @@ func (h *Handler) run(q *queue) {
 
 // runTask runs t and logs its error or panic. A panic must be recovered here:
 // in a goroutine we started, nothing else would, and it would end the process.
-// A task that returns the cancellation Shutdown caused is not logged: that
-// Shutdown's line has counted it.
+// A task that returns context.Canceled, wrapped or not, once Shutdown has
+// canceled its ctx is not logged: that Shutdown's line has counted it.
 func (h *Handler) runTask(q *queue, t queuedTask) {
 	defer func() {
 		if v := recover(); v != nil {
@@ -294,23 +296,24 @@ func (h *Handler) logger() *slog.Logger { return cmp.Or(h.Logger, slog.Default()
 // requests in flight add meanwhile, and returns nil once none is left. If ctx
 // ends first, Shutdown gives up: it cancels the running tasks' ctx, drops the
 // queued tasks, logs one line that counts both, and returns ctx.Err(). A
-// canceled task that returns that cancellation, wrapped or not, is not logged
-// again. From then on, every task added is dropped with a log line, and every
-// Shutdown returns that first error.
+// running task then sees its ctx.Err() become context.Canceled; if it returns
+// that error, wrapped or not, it is not logged again. From then on, every
+// task added is dropped with a log line, and every Shutdown returns that
+// first error.
 //
 // http.Server.Shutdown does not wait for the goroutines that run tasks, so
 // stopping takes two steps: first http.Server.Shutdown, which stops new
 // requests and lets the responses in flight finish, then this, which waits
-// for the tasks they queued. A task added after a Shutdown returned, by a
-// goroutine that http.TimeoutHandler left behind say, still runs, and is
-// logged, since that Shutdown did not wait for it.
+// for the tasks they queued. A task added after a Shutdown returned (by a
+// goroutine that http.TimeoutHandler left behind, for example) still runs,
+// and is logged, since that Shutdown did not wait for it.
 //
 // Shutdown may be called more than once, and concurrently with requests. As
 // long as none has given up, the Handler goes on working afterwards: in a
 // test, Shutdown(context.Background()) waits for the tasks so far.
 func (h *Handler) Shutdown(ctx context.Context) error {
 	h.mu.Lock()
-	h.drained = cmp.Or(h.drained, make(chan struct{})) // one channel for every Shutdown that waits
+	h.drained = cmp.Or(h.drained, make(chan struct{})) // the channel all waiting Shutdowns share, made by the first
 	drained := h.drained
 	h.doneLocked(0) // closes it at once if no task is pending
 	h.mu.Unlock()

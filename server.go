@@ -75,13 +75,14 @@ func (w *holdingWriter) WriteHeader(code int) {
 	}
 }
 
-// Write holds p back if it fits, and otherwise starts streaming.
+// Write holds p back while the body fits in maxHeld bytes. Past that, it
+// sends what it holds, if it has not already, and the rest streams.
 func (w *holdingWriter) Write(p []byte) (int, error) {
 	w.WriteHeader(http.StatusOK)
 	if !w.sent && w.held().Len()+len(p) <= maxHeld {
 		return w.body.Write(p)
 	}
-	w.send(-1) // if it has not gone already
+	w.send(-1)
 	return w.out.Write(p)
 }
 
@@ -99,7 +100,9 @@ func (w *holdingWriter) held() *bytes.Buffer {
 // http.FileServer, reaches net/http's sendfile. Once the response streams, src
 // goes straight to the server's writer. Until then, src is read into the
 // held-back body's spare room and handed to Write, which decides, as for any
-// bytes, whether to hold them back. A Write error shows on the next write.
+// bytes, whether to hold them back: the idiom bytes.Buffer.AvailableBuffer
+// documents, since Write is the next write to the buffer. A Write error shows
+// on the next write.
 func (w *holdingWriter) ReadFrom(src io.Reader) (n int64, err error) {
 	for !w.sent {
 		w.held().Grow(512)
@@ -172,6 +175,7 @@ func (w *holdingWriter) Unwrap() http.ResponseWriter { return w.out }
 // finish completes the response once the handler has returned: it sends
 // anything held back, now with a Content-Length, and flushes it all to the
 // client. Errors are ignored: a client that has gone does not stop the tasks.
+// (If nothing was held back, held takes a buffer only to send it empty.)
 //
 // The buffer then goes back to the pool, and w lets go of it: only w ever
 // held it, never the handler. After a panic, finish does not run, and the
@@ -192,8 +196,8 @@ func (w *holdingWriter) finish() {
 func (w *holdingWriter) detach() { w.sent, w.out = true, detachedWriter(make(http.Header)) }
 
 // detachedWriter stands in for the server's writer after detach: its header
-// map is its own, nothing sends it, and nothing can be written. (A map type,
-// so that storing it in w.out allocates nothing more.)
+// map is its own, nothing sends it, and nothing can be written. It is a map
+// type so that storing it in w.out allocates nothing more.
 type detachedWriter http.Header
 
 func (d detachedWriter) Header() http.Header     { return http.Header(d) }
