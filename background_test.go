@@ -56,7 +56,8 @@ import (
 //                      Shutdown cancels it; contexts derived from it start no
 //                      goroutine.
 //  5. TestFailure…     A task that fails or panics is logged, and the
-//                      request's other tasks still run, under load too.
+//                      request's other tasks still run, under load too. A
+//                      log line that blocks holds up no other request's task.
 //  6. TestPanic…       A handler that panics runs none of its tasks, not even
 //                      one added after the panic (each is dropped with a log
 //                      line); its panic goes on up unchanged; and it sends
@@ -1118,6 +1119,43 @@ func TestFailureUnderLoadLeavesTheRestRunningOnce(t *testing.T) {
 	if panicked < requests || failed < requests {
 		t.Errorf("logged %d panics and %d failures, want at least %d of each", panicked, failed, requests)
 	}
+}
+
+// stuckWriter blocks every Write until unblock is closed, like a log pipe
+// that nobody reads, and closes writing at the first one.
+type stuckWriter struct {
+	once             sync.Once
+	writing, unblock chan struct{}
+}
+
+func (w *stuckWriter) Write(p []byte) (int, error) {
+	w.once.Do(func() { close(w.writing) })
+	<-w.unblock
+	return len(p), nil
+}
+
+// No log line is written with the Handler's lock held, so a stuck log
+// stalls only the goroutine that writes it.
+func TestFailureLogLineThatBlocksHoldsUpNoOtherTask(t *testing.T) {
+	stuck := &stuckWriter{writing: make(chan struct{}), unblock: make(chan struct{})}
+	ran := make(chan struct{})
+	h := background.NewHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/" { // panicOf's request: its dropped task is logged
+			addTask(r, func(context.Context) error { return nil })
+			panic("handler blew up")
+		}
+		addTask(r, func(context.Context) error { close(ran); return nil })
+	}))
+	h.Logger = slog.New(slog.NewTextHandler(stuck, nil))
+	panicked := make(chan any, 1)
+	go func() { panicked <- panicOf(h) }()
+	await(t, stuck.writing, "the dropped task's log line")
+
+	go h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/other", nil))
+	await(t, ran, "another request's task, while a log line is stuck")
+	close(stuck.unblock)
+	await(t, panicked, "the panicking request")
+	shutdown(t, h)
 }
 
 // --- 6. TestPanic…: a panicking handler runs no tasks ---
