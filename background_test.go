@@ -1450,10 +1450,11 @@ func TestShutdownReturnsNilOnlyIfNoTaskWasLost(t *testing.T) {
 }
 
 func TestShutdownReturnedThenTaskAddedRunsAndIsLogged(t *testing.T) {
-	release, ran := make(chan struct{}), make(chan struct{})
+	release, added, ran := make(chan struct{}), make(chan struct{}), make(chan struct{})
 	slow := func(w http.ResponseWriter, r *http.Request) {
 		receive(release) // still running when http.TimeoutHandler answers
 		addTask(r, func(context.Context) error { close(ran); return nil })
+		close(added) // Add has logged by now; the task may have run before that
 	}
 	h, logs := wrap(t, http.TimeoutHandler(http.HandlerFunc(slow), time.Millisecond, "too slow").ServeHTTP)
 	srv := serve(t, h)
@@ -1471,6 +1472,7 @@ func TestShutdownReturnedThenTaskAddedRunsAndIsLogged(t *testing.T) {
 
 	close(release)
 	await(t, ran, "the task added after Shutdown returned")
+	await(t, added, "Add to return")
 	if rec := logs.find(t, "after Shutdown returned"); rec == nil || rec["path"] != "/slow" {
 		t.Errorf("the task added after Shutdown returned was logged as %v; want a record naming /slow", rec)
 	}
