@@ -28,14 +28,17 @@
 //     handler returns or passes 64 KiB, and the handler learns late that the
 //     client has gone. Handlers that stream should Flush.
 //   - A body past 64 KiB, or flushed, streams as usual, but its end (the
-//     chunked terminator, or the end of an HTTP/2 stream) leaves as
-//     ServeHTTP returns: its tasks may start a moment before.
+//     chunked terminator) leaves as ServeHTTP returns: its tasks may start a
+//     moment before. Over HTTP/2, the end of every stream does.
 //   - Header changes made after WriteHeader are sent while the response is
 //     held back, where net/http would ignore them. Framing set then
 //     (Content-Length, Transfer-Encoding, Trailer) is ignored, as net/http does.
 //   - Over HTTP/1, trailers named with http.TrailerPrefix are dropped from a
 //     held-back body: declare trailers in the Trailer header before writing.
 //   - A HEAD response gets a Content-Length only if the handler sets one.
+//   - A second WriteHeader is ignored without net/http's "superfluous" log
+//     line. A request that says "Expect: 100-continue" gets its 100 Continue
+//     even when the handler reads the body after writing a held-back reply.
 //   - A handler that panics sends none of what it held back: the client sees
 //     the connection close, and Go's http.Transport may then retry an
 //     idempotent request, which runs the handler twice.
@@ -68,9 +71,10 @@ import (
 // The writer the wrapped handler gets holds back a body written without a
 // Content-Length, up to 64 KiB, and sends it with one as the handler returns,
 // then flushes, so that the whole response has been sent before the first
-// task starts. It implements http.Flusher, http.Hijacker and
-// io.ReaderFrom (through which http.FileServer still uses sendfile), and
-// unwraps to the server's writer for http.ResponseController. Each response
+// task starts. It implements http.Flusher and io.ReaderFrom (through which
+// http.FileServer still uses sendfile), http.Hijacker only if the server's
+// writer does (over HTTP/1, not HTTP/2), and unwraps to the server's writer
+// for http.ResponseController. Each response
 // gets a writer of its own, cut off once the handler has returned: if a task
 // kept it by mistake, Header returns a map that nothing sends, Write returns
 // an error, and WriteHeader and Flush do nothing. The temporary files of a
@@ -116,10 +120,10 @@ type queue struct {
 	method, path string // for log lines
 	drains       int64  // h.drains as the request arrived
 
-	tasks    []queuedTask // waiting to run, in order
-	returned bool         // the handler has returned: the tasks may start
-	panicked bool         // the handler panicked: its tasks are dropped
-	running  bool         // a goroutine runs the tasks, and those added meanwhile
+	tasks []queuedTask // waiting to run, in order
+	// The handler returned, and the tasks may start; or it panicked, and they
+	// are dropped. While running, a goroutine runs them and those added.
+	returned, panicked, running bool
 }
 
 type queuedTask struct {
@@ -136,12 +140,16 @@ type tasksKey struct{}
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	q := &queue{h: h, method: r.Method, path: r.URL.Path, drains: h.drains.Load()}
 	hw := &holdingWriter{out: w, req: r, buffers: &h.buffers}
+	var out http.ResponseWriter = hw
+	if _, ok := w.(http.Hijacker); ok {
+		out = hijackingWriter{hw}
+	}
 	r2 := r.WithContext(context.WithValue(r.Context(), tasksKey{}, q))
 	// A request's life has four steps. Steps 3 and 4 are deferred, so that
 	// they happen even if the handler panics, which skips step 2.
 	defer h.release(q, hw, r2)
-	h.next.ServeHTTP(hw, r2) // 1. Serve into hw, which holds the response back.
-	hw.finish()              // 2. Send the whole response, with a Content-Length, and flush it.
+	h.next.ServeHTTP(out, r2) // 1. Serve into hw (out), which holds the response back.
+	hw.finish()               // 2. Send the whole response, with a Content-Length, and flush it.
 }
 
 // release ends the handler's part in a request, once it has returned or
@@ -162,10 +170,9 @@ func (h *Handler) release(q *queue, hw *holdingWriter, r *http.Request) {
 		h.mu.Unlock()
 		return
 	}
-	q.panicked = true
 	dropped, gaveUp := len(q.tasks), h.ctx.Err() != nil // if a Shutdown gave up, its line counted them
+	q.tasks, q.panicked = nil, true
 	h.doneLocked(dropped)
-	q.tasks = nil
 	h.mu.Unlock()
 	if dropped > 0 && !gaveUp {
 		h.logDropped(q, dropped, "the handler panicked")

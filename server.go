@@ -35,9 +35,9 @@ type holdingWriter struct {
 
 	status int           // the handler's status, or 0 before WriteHeader
 	body   *bytes.Buffer // the held-back body; nil until held takes one from buffers
-	sent   bool          // the status and header have gone to out: writes pass through
-
-	finished bool // finish has run
+	// sent once the status and header have gone to out: writes pass
+	// through. finished once finish has run.
+	sent, finished bool
 }
 
 // Header returns the server's header map, shared by the handler and net/http
@@ -157,14 +157,20 @@ func (w *holdingWriter) FlushError() error {
 // Flush implements http.Flusher; see FlushError.
 func (w *holdingWriter) Flush() { w.FlushError() }
 
+// hijackingWriter is what the handler gets when the server's writer is an
+// http.Hijacker, as HTTP/1's is and HTTP/2's is not, so that w.(http.Hijacker)
+// answers as it would without the wrapper.
+type hijackingWriter struct{ *holdingWriter }
+
 // Hijack implements http.Hijacker. It sends anything held back first, as
-// net/http's Hijack flushes what it holds, and writes nothing after: from
-// then on, writes fail with http.ErrHijacked, as with net/http's own writer.
-func (w *holdingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+// net/http's Hijack flushes what it holds. From then on, as with net/http's
+// own writer, writes fail with http.ErrHijacked, and Header returns the same
+// map: httputil.ReverseProxy writes its 101 Switching Protocols from it.
+func (w hijackingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	w.send(-1)
 	conn, brw, err := http.NewResponseController(w.out).Hijack()
 	if err == nil {
-		w.sent, w.out = true, hijackedWriter{detachedWriter(make(http.Header))}
+		w.sent, w.out = true, hijacked{detached(w.out.Header())}
 	}
 	return conn, brw, err
 }
@@ -193,24 +199,22 @@ func (w *holdingWriter) finish() {
 // returned or panicked. The handler may have left w behind, in a task's
 // closure say, and net/http reuses its own writer's buffers for other
 // connections once ServeHTTP returns.
-func (w *holdingWriter) detach() { w.sent, w.out = true, detachedWriter(make(http.Header)) }
+func (w *holdingWriter) detach() { w.sent, w.out = true, detached(make(http.Header)) }
 
-// detachedWriter stands in for the server's writer after detach: its header
+// detached stands in for the server's writer after detach: its header
 // map is its own, nothing sends it, and nothing can be written. It is a map
 // type so that storing it in w.out allocates nothing more.
-type detachedWriter http.Header
+type detached http.Header
 
-func (d detachedWriter) Header() http.Header     { return http.Header(d) }
-func (detachedWriter) WriteHeader(int)           {}
-func (detachedWriter) Write([]byte) (int, error) { return 0, errCutOff }
+func (d detached) Header() http.Header     { return http.Header(d) }
+func (detached) WriteHeader(int)           {}
+func (detached) Write([]byte) (int, error) { return 0, errCutOff }
 
 var errCutOff = errors.New("background: Write after the handler returned: its ResponseWriter is cut off from the response")
 
-// hijackedWriter stands in for the server's writer after Hijack: writing, or
-// hijacking again, fails with http.ErrHijacked, as with net/http's own.
-type hijackedWriter struct{ detachedWriter }
+// hijacked stands in for the server's writer after Hijack, with its header
+// map: writing, or hijacking again, fails with http.ErrHijacked.
+type hijacked struct{ detached }
 
-func (hijackedWriter) Write([]byte) (int, error) { return 0, http.ErrHijacked }
-func (hijackedWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	return nil, nil, http.ErrHijacked
-}
+func (hijacked) Write([]byte) (int, error)                    { return 0, http.ErrHijacked }
+func (hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return nil, nil, http.ErrHijacked }
