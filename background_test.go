@@ -17,7 +17,9 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/http/httptrace"
+	"net/http/httputil"
 	"net/textproto"
+	"net/url"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -29,77 +31,40 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"example.com/background"
 )
 
 // This file checks the promises of package background, one section for each,
-// in the order below. A section's tests share its name prefix, so that, say,
-// go test -run TestShutdown . runs that section and no other. Helpers and
-// Examples come first (Example_testing shows how to unit-test a handler that
-// adds tasks, ExampleFromContext_dependency a helper that adds tasks as a
-// FastAPI dependency does); what only one section uses sits with that section.
+// in the order below; each section's heading says what it checks. A
+// section's tests share its name prefix, so that go test -run TestShutdown .
+// runs that section alone. Each test that serves requests runs over HTTP/1.1
+// and over HTTP/2, in subtests named h1 and h2 (go test -run /h2 . runs the
+// HTTP/2 ones), unless its promise is HTTP/1's alone; each fails if it
+// leaves a goroutine running. Helpers and Examples come first
+// (Example_testing shows how to unit-test a handler that adds tasks); what
+// only one section uses sits with that section.
 //
-//  1. TestResponse…    The client gets the whole response, framed and
-//                      flushed, before any task starts. Streamed and flushed
-//                      bodies do not wait for tasks; unflushed ones are held
-//                      back, up to 64 KiB; sized ones never are.
-//  2. TestConnection…  A keep-alive connection serves its next request while
-//                      tasks run. A slow reader holds up no other request or
-//                      task. A client that leaves before reading still gets
-//                      its tasks run, once.
-//  3. TestOrder…       One request's tasks run one at a time, in order;
-//                      different requests' tasks run concurrently; under
-//                      concurrent requests, every task runs exactly once.
-//  4. TestContext…     A task's ctx keeps the request's values, but only
-//                      Shutdown cancels it; contexts derived from it start no
-//                      goroutine.
-//  5. TestFailure…     A task that fails or panics is logged, and the
-//                      request's other tasks still run, under load too. A
-//                      log line that blocks holds up no other request's task.
-//  6. TestPanic…       A handler that panics runs none of its tasks, not even
-//                      one added after the panic (each is dropped with a log
-//                      line); its panic goes on up unchanged; and it sends
-//                      none of the body held back. An error status, unlike a
-//                      panic, drops nothing.
-//  7. TestAdd…         Misuse panics with a message that says what is wrong.
-//                      Add after the request's tasks have finished still
-//                      runs the task, and Shutdown waits for it.
-//  8. TestShutdown…    Shutdown waits for every task; at its deadline it
-//                      cancels and drops them with one summary line, and
-//                      later tasks are dropped with a log line; it reports
-//                      whether a task was lost; http.TimeoutHandler's late
-//                      Add runs and is logged; concurrent Shutdowns, and
-//                      Shutdowns that race requests, lose no task silently.
-//  9. TestWriter…      The handler's w. Once the handler has returned, a task
-//                      that kept it reaches no other response. After Hijack,
-//                      writes fail with http.ErrHijacked, and the tasks still
-//                      run. http.ResponseController reaches the server's
-//                      writer, Flush sends each chunk, io.Copy reports what
-//                      it copied, and an invalid status panics in the handler.
-// 10. TestMux…         Around a real mux: http.FileServer sends the same
-//                      bytes, through sendfile; http.MaxBytesHandler's 413
-//                      reaches a stalled client; uploads are removed before
-//                      the tasks start; a 413 over HTTP/2 keeps the
-//                      connection; middleware outside the wrapper sees no
-//                      pattern.
+//  1. TestResponse…    the whole response is sent before any task starts
+//  2. TestConnection…  the connection is free while tasks run
+//  3. TestOrder…       in order within a request, concurrently across requests
+//  4. TestContext…     a task's ctx: the request's values, Shutdown's cancellation
+//  5. TestFailure…     failures are logged, and the other tasks still run
+//  6. TestPanic…       a handler that panics runs no tasks, and sends nothing
+//  7. TestAdd…         misuse panics clearly; a late Add still runs
+//  8. TestShutdown…    waits, gives up, and loses nothing without a log line
+//  9. TestWriter…      the handler's w: cut off once it returns, Hijack, Flush
+// 10. TestMux…         around a real mux: files, proxies, limits, uploads
 //
 // A first reading can stop there. After a comment that says so come:
 //
-// 11. TestTransparent… The client sees the same response with the wrapper as
-//                      without it, except for the differences the package doc
-//                      lists, each expected exactly: header changes after
-//                      WriteHeader are sent while held back, prefixed
-//                      trailers of a held-back body are dropped, and a HEAD
-//                      response gets a Content-Length only if the handler
-//                      sets one. (The other documented differences sit with
-//                      their promise: an unflushed body held back in 1, a
-//                      panic that sends nothing in 6, a 413 that closes the
-//                      connection and middleware that sees no pattern in 10.)
-// 12. FuzzTransparent  The same comparison, for handlers the fuzzer writes.
-// 13. Benchmark…       What the wrapper costs. CI runs them with -benchtime 1x
-//                      only to keep them working.
+// 11. TestTransparent… the same response as without the wrapper, but for
+//                      the differences the package doc lists
+// 12. FuzzTransparent  the same comparison, for handlers the fuzzer writes
+// 13. Benchmark…       what the wrapper costs; CI runs each once, to keep
+//                      them working
 
 // --- Helpers ---
 
@@ -124,16 +89,202 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// logBuffer collects a Handler's log records.
+// proto is a protocol that a test's client speaks.
+type proto string
+
+const (
+	http1 proto = "h1" // HTTP/1.1
+	http2 proto = "h2" // HTTP/2 without TLS, which needs no certificate
+)
+
+// run runs f in a subtest for each of protos, or for both protocols if none
+// is given, as net/http's own tests do. Each subtest fails if it leaves a
+// goroutine running.
+//
+// Over HTTP/1, net/http writes to the connection in the handler's goroutine,
+// so a test can look at the wire at a given step of the handler. Over HTTP/2,
+// the connection's own goroutine writes the frames a moment later, from a
+// buffer, and the end of a stream leaves as ServeHTTP returns: there, tests
+// check from the client's side what has been sent.
+func run(t *testing.T, f func(t *testing.T, p proto), protos ...proto) {
+	if len(protos) == 0 {
+		protos = []proto{http1, http2}
+	}
+	for _, p := range protos {
+		t.Run(string(p), func(t *testing.T) {
+			checkGoroutines(t)
+			f(t, p)
+		})
+	}
+}
+
+// checkGoroutines fails t if goroutines that started while it ran are still
+// running once its cleanups have run: servers, connections, handlers and
+// tasks must all have ended. Nothing signals a goroutine's end, so it looks
+// again, less and less often, until failSafe.
+func checkGoroutines(t *testing.T) {
+	before := goroutines()
+	t.Cleanup(func() { // registered first, so it runs after the others
+		deadline := time.Now().Add(failSafe)
+		for wait := time.Millisecond; ; wait = min(2*wait, 100*time.Millisecond) {
+			var left []string
+			for id, stack := range goroutines() {
+				if _, ok := before[id]; !ok {
+					left = append(left, stack)
+				}
+			}
+			if len(left) == 0 {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%d goroutines left running:\n\n%s", len(left), strings.Join(left, "\n\n"))
+			}
+			time.Sleep(wait)
+		}
+	})
+}
+
+// goroutines returns the stack of every goroutine, by its ID.
+func goroutines() map[string]string {
+	buf := make([]byte, 64<<10)
+	n := runtime.Stack(buf, true)
+	for n == len(buf) {
+		buf = make([]byte, 2*len(buf))
+		n = runtime.Stack(buf, true)
+	}
+	stacks := make(map[string]string)
+	for stack := range strings.SplitSeq(string(buf[:n]), "\n\n") {
+		id, _, _ := strings.Cut(strings.TrimPrefix(stack, "goroutine "), " ")
+		stacks[id] = stack
+	}
+	return stacks
+}
+
+// testServer is a test's server, and what it wrote.
+type testServer struct {
+	*httptest.Server
+	wire     *wireLog   // what it wrote to its connections
+	errorLog *logBuffer // net/http's
+}
+
+// serve starts a server for h on 127.0.0.1 that speaks HTTP/1.1 and HTTP/2,
+// with a client, srv.Client(), that speaks only p. Both close when the test
+// ends; net/http's error log then goes to the test's log if it failed.
+func serve(t testing.TB, p proto, h http.Handler) *testServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &testServer{wire: &wireLog{Listener: ln}, errorLog: new(logBuffer)}
+	srv.Server = &httptest.Server{Listener: srv.wire, Config: &http.Server{
+		Handler:   h,
+		ErrorLog:  log.New(srv.errorLog, "server: ", 0),
+		Protocols: protocols(http1, http2),
+	}}
+	srv.Start()
+	t.Cleanup(func() {
+		srv.Close()
+		if s := srv.errorLog.String(); t.Failed() && s != "" {
+			t.Logf("net/http's error log:\n%s", s)
+		}
+	})
+	srv.Client().Transport.(*http.Transport).Protocols = protocols(p)
+	srv.Client().Timeout = failSafe
+	return srv
+}
+
+// protocols returns ps as an http.Protocols, for a server or a Transport.
+func protocols(ps ...proto) *http.Protocols {
+	set := new(http.Protocols)
+	set.SetHTTP1(slices.Contains(ps, http1))
+	set.SetUnencryptedHTTP2(slices.Contains(ps, http2))
+	return set
+}
+
+// wireLog records the first MiB that a server writes to its connections.
+// What goes out through a connection's ReadFrom, which is where net/http
+// hands a file to the kernel's sendfile, it counts instead.
+type wireLog struct {
+	net.Listener
+	mu       sync.Mutex
+	out      bytes.Buffer
+	readFrom atomic.Int64
+}
+
+func (l *wireLog) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &wireConn{TCPConn: c.(*net.TCPConn), log: l}, nil
+}
+
+// sent returns a copy of what has been written so far.
+func (l *wireLog) sent() []byte {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return bytes.Clone(l.out.Bytes())
+}
+
+// wireConn is a TCP connection that records what is written to it. It keeps
+// the methods of *net.TCPConn, such as CloseWrite, that net/http looks for.
+type wireConn struct {
+	*net.TCPConn
+	log *wireLog
+}
+
+func (c *wireConn) Write(p []byte) (int, error) {
+	n, err := c.TCPConn.Write(p)
+	c.log.mu.Lock()
+	c.log.out.Write(p[:min(n, max(0, 1<<20-c.log.out.Len()))])
+	c.log.mu.Unlock()
+	return n, err
+}
+
+func (c *wireConn) ReadFrom(r io.Reader) (int64, error) {
+	n, err := c.TCPConn.ReadFrom(r)
+	c.log.readFrom.Add(n)
+	return n, err
+}
+
+// logBuffer collects log lines: a Handler's records, or net/http's errors.
 type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
+	mu      sync.Mutex
+	buf     bytes.Buffer
+	changed chan struct{} // if not nil, closed by the next Write
 }
 
 func (l *logBuffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.changed != nil {
+		close(l.changed)
+		l.changed = nil
+	}
 	return l.buf.Write(p)
+}
+
+// waitFor reports whether the log holds s within failSafe.
+func (l *logBuffer) waitFor(s string) bool {
+	deadline := time.After(failSafe)
+	for {
+		l.mu.Lock()
+		found := strings.Contains(l.buf.String(), s)
+		if l.changed == nil {
+			l.changed = make(chan struct{})
+		}
+		changed := l.changed
+		l.mu.Unlock()
+		if found {
+			return true
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			return false
+		}
+	}
 }
 
 func (l *logBuffer) String() string {
@@ -145,14 +296,12 @@ func (l *logBuffer) String() string {
 // records returns the records logged so far, decoded.
 func (l *logBuffer) records(t *testing.T) []map[string]any {
 	t.Helper()
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	var recs []map[string]any
-	dec := json.NewDecoder(bytes.NewReader(l.buf.Bytes()))
+	dec := json.NewDecoder(strings.NewReader(l.String()))
 	for dec.More() {
 		var rec map[string]any
 		if err := dec.Decode(&rec); err != nil {
-			t.Fatalf("log is not JSON lines: %v\n%s", err, l.buf.String())
+			t.Fatalf("log is not JSON lines: %v\n%s", err, l)
 		}
 		recs = append(recs, rec)
 	}
@@ -181,6 +330,14 @@ func wrap(t *testing.T, next http.HandlerFunc) (*background.Handler, *logBuffer)
 	return h, logs
 }
 
+// serveWrapped is wrap and serve in one: it serves next, wrapped in a
+// Handler, over p.
+func serveWrapped(t *testing.T, p proto, next http.HandlerFunc) (*testServer, *background.Handler, *logBuffer) {
+	t.Helper()
+	h, logs := wrap(t, next)
+	return serve(t, p, h), h, logs
+}
+
 // shutdown waits for h's tasks, failing the test if they take longer than
 // failSafe. Once a Shutdown has given up, the later ones return its error, so
 // only a Shutdown that gave up itself fails the test.
@@ -193,29 +350,35 @@ func shutdown(t *testing.T, h *background.Handler) {
 	}
 }
 
-// serve starts a test server for h on 127.0.0.1, closed when the test ends.
-// Its error log goes to the test log.
-func serve(t *testing.T, h http.Handler) *httptest.Server {
+// open sends a method request for url with c, and returns the response with
+// its body unread, to be closed when the test ends. It stops the test if
+// there is no response, so call it only from the test's goroutine.
+func open(t *testing.T, c *http.Client, method, url string) *http.Response {
 	t.Helper()
-	return serveLogging(t, h, testWriter{t})
+	req, _ := http.NewRequest(method, url, nil)
+	return openRequest(t, c, req)
 }
 
-// serveLogging is serve with net/http's error log going to errorLog.
-func serveLogging(t testing.TB, h http.Handler, errorLog io.Writer) *httptest.Server {
+// openRequest is open for a request of the test's own making.
+func openRequest(t *testing.T, c *http.Client, req *http.Request) *http.Response {
 	t.Helper()
-	srv := httptest.NewUnstartedServer(h)
-	srv.Config.ErrorLog = log.New(errorLog, "server: ", 0)
-	srv.Start()
-	t.Cleanup(srv.Close)
-	srv.Client().Timeout = failSafe
-	return srv
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { resp.Body.Close() })
+	return resp
 }
 
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
+// do is open, and then reads the whole body.
+func do(t *testing.T, c *http.Client, method, url string) (*http.Response, string) {
+	t.Helper()
+	resp := open(t, c, method, url)
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: %s, then reading the body: %v", method, url, resp.Status, err)
+	}
+	return resp, string(body)
 }
 
 // get sends a GET to url with c and returns the whole body of its 200 response.
@@ -237,13 +400,30 @@ func tryGet(c *http.Client, url string) (string, error) {
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return "", err
+	if err == nil && resp.StatusCode != http.StatusOK {
+		err = fmt.Errorf("GET %s: %s", url, resp.Status)
 	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("GET %s: %s", url, resp.Status)
-	}
-	return string(body), nil
+	return string(body), err
+}
+
+// gate makes tasks that block: each sends its ctx on started as it starts,
+// then waits until the test calls open, whatever its ctx says.
+type gate struct {
+	started chan context.Context
+	opened  chan struct{}
+	open    func() // may be called more than once; defer it
+}
+
+func newGate() *gate {
+	g := &gate{started: make(chan context.Context, 1000), opened: make(chan struct{})}
+	g.open = sync.OnceFunc(func() { close(g.opened) })
+	return g
+}
+
+func (g *gate) task(ctx context.Context) error {
+	g.started <- ctx
+	<-g.opened
+	return nil
 }
 
 // await waits for ch to be closed or to deliver, and stops the test after
@@ -287,15 +467,15 @@ func panicOf(h http.Handler) (v any) {
 
 // getEach sends GET /?id=N to srv for every N from 0 to requests-1, from
 // clients goroutines at once, and returns when all have been answered.
-func getEach(t *testing.T, srv *httptest.Server, requests, clients int) {
+func getEach(t *testing.T, srv *testServer, requests, clients int) {
 	t.Helper()
 	ids := make(chan int, requests)
-	for id := 0; id < requests; id++ {
+	for id := range requests {
 		ids <- id
 	}
 	close(ids)
 	var wg sync.WaitGroup
-	for c := 0; c < clients; c++ {
+	for range clients {
 		wg.Go(func() {
 			for id := range ids {
 				if _, err := tryGet(srv.Client(), fmt.Sprintf("%s/?id=%d", srv.URL, id)); err != nil {
@@ -309,8 +489,7 @@ func getEach(t *testing.T, srv *httptest.Server, requests, clients int) {
 
 // requestID returns the id that getEach put in r's URL.
 func requestID(r *http.Request) int {
-	var id int
-	fmt.Sscan(r.URL.Query().Get("id"), &id)
+	id, _ := strconv.Atoi(r.URL.Query().Get("id"))
 	return id
 }
 
@@ -324,16 +503,24 @@ func addTask(r *http.Request, task func(ctx context.Context) error) {
 // that io.Copy calls the writer's ReadFrom.
 type readerOnly struct{ io.Reader }
 
-// rawExchange sends request on a new connection to addr, and returns every
-// byte the server sends back until it closes the connection.
-func rawExchange(t *testing.T, addr, request string) string {
+// dial opens a connection to srv, closed when the test ends, for a test that
+// speaks HTTP/1.1 itself.
+func dial(t *testing.T, srv *testServer) net.Conn {
 	t.Helper()
-	conn, err := net.Dial("tcp", addr)
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	t.Cleanup(func() { conn.Close() })
 	conn.SetDeadline(time.Now().Add(failSafe))
+	return conn
+}
+
+// rawExchange sends request on a new connection to srv, and returns every
+// byte the server sends back until it closes the connection.
+func rawExchange(t *testing.T, srv *testServer, request string) string {
+	t.Helper()
+	conn := dial(t, srv)
 	if _, err := io.WriteString(conn, request); err != nil {
 		t.Fatal(err)
 	}
@@ -493,212 +680,137 @@ func ExampleFromContext_dependency() {
 
 // --- 1. TestResponse…: the client gets the whole response before any task starts ---
 
-// wireLog records every byte a server has written to its connections.
-type wireLog struct {
-	net.Listener
-	mu  sync.Mutex
-	out bytes.Buffer
-}
-
-func (l *wireLog) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	return &wireConn{Conn: c, log: l}, nil
-}
-
-// sent returns a copy of what has been written so far.
-func (l *wireLog) sent() []byte {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return bytes.Clone(l.out.Bytes())
-}
-
-type wireConn struct {
-	net.Conn
-	log *wireLog
-}
-
-func (c *wireConn) Write(p []byte) (int, error) {
-	n, err := c.Conn.Write(p)
-	c.log.mu.Lock()
-	c.log.out.Write(p[:n])
-	c.log.mu.Unlock()
-	return n, err
-}
-
 func TestResponseIsCompleteOnTheWireBeforeTaskStarts(t *testing.T) {
 	cases := []struct {
 		name, method string
 		handler      http.HandlerFunc
 		body         string
+		streamed     bool // sent as written: its end may follow the task's start
 	}{
 		{"no Content-Length", "GET", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "text/plain")
 			io.WriteString(w, "hello, ")
 			io.WriteString(w, "world")
-		}, "hello, world"},
+		}, "hello, world", false},
 		{"Content-Length set", "GET", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Length", "5")
 			io.WriteString(w, "hello")
-		}, "hello"},
-		{"empty body", "GET", func(w http.ResponseWriter, r *http.Request) {}, ""},
-		{"error status", "GET", func(w http.ResponseWriter, r *http.Request) {
+		}, "hello", false},
+		{"empty body", "GET", func(w http.ResponseWriter, r *http.Request) {}, "", false},
+		{"error status, whose tasks run as any others", "GET", func(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, "no such thing", http.StatusNotFound)
-		}, "no such thing\n"},
+		}, "no such thing\n", false},
 		{"HEAD", "HEAD", func(w http.ResponseWriter, r *http.Request) {
 			io.WriteString(w, "not sent")
-		}, ""},
+		}, "", false},
 		{"no Content-Length, through ReadFrom", "GET", func(w http.ResponseWriter, r *http.Request) {
 			io.Copy(w, readerOnly{strings.NewReader("hello, world")})
-		}, "hello, world"},
+		}, "hello, world", false},
 		{"body at the buffer limit", "GET", func(w http.ResponseWriter, r *http.Request) {
 			w.Write(bytes.Repeat([]byte("x"), bufferLimit))
-		}, strings.Repeat("x", bufferLimit)},
+		}, strings.Repeat("x", bufferLimit), false},
+		{"body past the buffer limit", "GET", func(w http.ResponseWriter, r *http.Request) {
+			w.Write(bytes.Repeat([]byte("y"), 4*bufferLimit))
+		}, strings.Repeat("y", 4*bufferLimit), true},
+		{"flushed", "GET", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "first ")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "second")
+		}, "first second", true},
 	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			wire := &wireLog{Listener: ln}
-			block := make(chan struct{})
-			defer close(block)
-			looked, onWire := make(chan error, 1), make(chan error, 1)
-			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-				addTask(r, func(context.Context) error {
-					looked <- readWholeResponse(wire.sent(), tc.method, tc.body)
-					<-block // a task that never ends must not hold up the client
-					return nil
+	run(t, func(t *testing.T, p proto) {
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				block := make(chan struct{})
+				defer close(block)
+				clientRead := make(chan struct{}) // the client has read the whole body
+				looked, onWire := make(chan error, 1), make(chan error, 1)
+				var srv *testServer
+				h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+					addTask(r, func(context.Context) error {
+						if p == http1 {
+							looked <- readWholeResponse(srv.wire.sent(), tc.method, tc.body, tc.streamed)
+						} else if _, ok := receive(clientRead); !ok {
+							looked <- errors.New("the client could not read the whole body")
+						} else {
+							looked <- nil
+						}
+						<-block // a task that never ends must not hold up the client
+						return nil
+					})
+					tc.handler(w, r)
 				})
-				tc.handler(w, r)
-			})
-			// net/http finishes the response after ServeHTTP returns. Hold it
-			// there until the task has looked, so that only what the wrapper
-			// itself sent can be on the wire.
-			srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				h.ServeHTTP(w, r)
-				if err, ok := receive(looked); ok {
-					onWire <- err
+				// net/http finishes the response after ServeHTTP returns. Hold it
+				// there until the task has looked, so that only what the wrapper
+				// itself sent can have reached the client.
+				srv = serve(t, p, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					h.ServeHTTP(w, r)
+					if err, ok := receive(looked); ok {
+						onWire <- err
+					}
+				}))
+				resp := open(t, srv.Client(), tc.method, srv.URL)
+				body := make([]byte, len(tc.body))
+				if n, err := io.ReadFull(resp.Body, body); err != nil || string(body) != tc.body {
+					t.Fatalf("client read %d bytes, %v; want %d bytes", n, err, len(tc.body))
 				}
-			}))
-			srv.Listener = wire
-			srv.Start()
-			defer srv.Close()
-			srv.Client().Timeout = failSafe
-
-			req, _ := http.NewRequest(tc.method, srv.URL, nil)
-			resp, err := srv.Client().Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			body, err := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if err != nil || string(body) != tc.body {
-				t.Fatalf("client read %d bytes, %v; want %d bytes", len(body), err, len(tc.body))
-			}
-			if err := await(t, onWire, "the task"); err != nil {
-				t.Errorf("when the task started, the response on the wire was incomplete: %v", err)
-			}
-		})
-	}
+				close(clientRead)
+				if rest, err := io.ReadAll(resp.Body); len(rest) > 0 || err != nil {
+					t.Fatalf("and then %d bytes more, %v", len(rest), err)
+				}
+				if p == http2 && !tc.streamed && tc.method == "GET" && resp.ContentLength != int64(len(body)) {
+					t.Errorf("Content-Length %d, want %d", resp.ContentLength, len(body))
+				}
+				if err := await(t, onWire, "the task"); err != nil {
+					t.Errorf("when the task started: %v", err)
+				}
+			})
+		}
+	})
 }
 
 // readWholeResponse reports whether raw holds one whole, properly framed
-// response to a method request, with the given body.
-func readWholeResponse(raw []byte, method, want string) error {
+// response to a method request, with the given body; if streamed, with the
+// whole body but maybe not its end.
+func readWholeResponse(raw []byte, method, want string, streamed bool) error {
 	resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(raw)), &http.Request{Method: method})
 	if err != nil {
-		return fmt.Errorf("%d bytes sent, no response header: %v", len(raw), err)
+		return fmt.Errorf("%d bytes on the wire, and no response header: %v", len(raw), err)
 	}
 	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return fmt.Errorf("%d bytes sent, body cut short after %d bytes: %v", len(raw), len(body), err)
-	}
-	if string(body) != want {
-		return fmt.Errorf("body is %d bytes, want %d", len(body), len(want))
+	if string(body) != want || (err != nil && !streamed) {
+		return fmt.Errorf("%d bytes on the wire, with %d of the body's %d, then %v", len(raw), len(body), len(want), err)
 	}
 	return nil
 }
 
-func TestResponseStreamedOrFlushedDoesNotWaitForTask(t *testing.T) {
-	cases := []struct {
-		name  string
-		write func(w http.ResponseWriter)
-		size  int
-	}{
-		{"past the buffer limit", func(w http.ResponseWriter) {
-			chunk := bytes.Repeat([]byte("y"), 32<<10)
-			for n := 0; n < 3<<20; n += len(chunk) {
-				w.Write(chunk)
-			}
-		}, 3 << 20},
-		{"flushed", func(w http.ResponseWriter) {
-			io.WriteString(w, "first ")
-			w.(http.Flusher).Flush()
-			io.WriteString(w, "second")
-		}, len("first second")},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			block := make(chan struct{})
-			defer close(block)
-			started := make(chan struct{})
-			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-				addTask(r, func(context.Context) error {
-					close(started)
-					<-block
-					return nil
-				})
-				tc.write(w)
-			})
-			srv := serve(t, h)
-			if body := get(t, srv.Client(), srv.URL); len(body) != tc.size {
-				t.Fatalf("got %d bytes, want %d", len(body), tc.size)
-			}
-			await(t, started, "the task to start")
-		})
-	}
-}
-
 func TestResponseUnflushedBodyIsHeldBackUntilHandlerReturns(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	wire := &wireLog{Listener: ln}
-	wrote, looked := make(chan struct{}), make(chan struct{})
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		for i := 0; i < 8; i++ { // a slow stream, 1 KiB at a time, never flushed
-			w.Write(make([]byte, 1<<10))
+	run(t, func(t *testing.T, p proto) {
+		wrote, looked := make(chan struct{}), make(chan struct{})
+		srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			for range 8 { // a slow stream, 1 KiB at a time, never flushed
+				w.Write(make([]byte, 1<<10))
+			}
+			close(wrote)
+			receive(looked)
+		})
+		bodies := make(chan string, 1)
+		go func() {
+			body, err := tryGet(srv.Client(), srv.URL)
+			if err != nil {
+				body = err.Error()
+			}
+			bodies <- body
+		}()
+		await(t, wrote, "the handler to write")
+		if sent := srv.wire.sent(); len(sent) != 0 {
+			t.Errorf("%d bytes reached the wire while the handler ran; the doc says none until it returns", len(sent))
 		}
-		close(wrote)
-		receive(looked)
-	})
-	srv := httptest.NewUnstartedServer(h)
-	srv.Listener = wire
-	srv.Start()
-	defer srv.Close()
-	srv.Client().Timeout = failSafe
-
-	bodies := make(chan string, 1)
-	go func() {
-		body, err := tryGet(srv.Client(), srv.URL)
-		if err != nil {
-			body = err.Error()
+		close(looked)
+		if body := await(t, bodies, "the response"); len(body) != 8<<10 {
+			t.Errorf("then the client got %d bytes, want %d", len(body), 8<<10)
 		}
-		bodies <- body
-	}()
-	await(t, wrote, "the handler to write")
-	if sent := wire.sent(); len(sent) != 0 {
-		t.Errorf("%d bytes reached the wire while the handler ran; the doc says none until it returns", len(sent))
-	}
-	close(looked)
-	if body := await(t, bodies, "the response"); len(body) != 8<<10 {
-		t.Errorf("then the client got %d bytes, want %d", len(body), 8<<10)
-	}
+	}, http1)
 }
 
 func TestResponseIsNotHeldBackWhenSizedOrPastTheLimit(t *testing.T) {
@@ -707,9 +819,8 @@ func TestResponseIsNotHeldBackWhenSizedOrPastTheLimit(t *testing.T) {
 		write func(w http.ResponseWriter)
 	}{
 		{"unsized body past the buffer limit", func(w http.ResponseWriter) {
-			chunk := make([]byte, 1<<10)
-			for n := 0; n <= bufferLimit; n += len(chunk) {
-				w.Write(chunk)
+			for range bufferLimit>>10 + 1 {
+				w.Write(make([]byte, 1<<10))
 			}
 		}},
 		{"sized body", func(w http.ResponseWriter) {
@@ -717,243 +828,261 @@ func TestResponseIsNotHeldBackWhenSizedOrPastTheLimit(t *testing.T) {
 			w.Write(make([]byte, 16<<10))
 		}},
 	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			// What the handler wrote reaches the client while it still runs.
-			clientGot := make(chan struct{})
-			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-				tc.write(w)
-				if _, ok := receive(clientGot); !ok {
-					t.Error("timed out waiting for the client to read the first byte")
+	run(t, func(t *testing.T, p proto) {
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				// What the handler wrote reaches the client while it still runs.
+				clientGot := make(chan struct{})
+				var srv *testServer
+				srv, _, _ = serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+					tc.write(w)
+					if p == http1 {
+						if n := len(srv.wire.sent()); n < 8<<10 {
+							t.Errorf("%d bytes on the wire once the handler had written; want what it wrote", n)
+						}
+					} else if _, ok := receive(clientGot); !ok {
+						t.Error("timed out waiting for the client to read the first byte")
+					}
+				})
+				resp := open(t, srv.Client(), "GET", srv.URL)
+				if _, err := io.ReadFull(resp.Body, make([]byte, 1)); err != nil {
+					t.Fatal(err)
 				}
+				close(clientGot)
 			})
-			srv := serve(t, h)
-			resp, err := srv.Client().Get(srv.URL)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer resp.Body.Close()
-			if _, err := io.ReadFull(resp.Body, make([]byte, 1)); err != nil {
-				t.Fatal(err)
-			}
-			close(clientGot)
-		})
-	}
+		}
+	})
 }
 
 // --- 2. TestConnection…: the connection is free while tasks run ---
 
 func TestConnectionKeepAliveServesNextRequestWhileTasksRun(t *testing.T) {
-	release := make(chan struct{})
-	defer close(release)
-	started := make(chan struct{})
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/slow" {
-			addTask(r, func(context.Context) error {
-				close(started)
-				<-release
-				return nil
-			})
+	// net/http reads a connection's next request once ServeHTTP has returned.
+	// In a synctest bubble, which waits until every goroutine in it is
+	// blocked, a ServeHTTP that waits for its task shows at once.
+	synctest.Test(t, func(t *testing.T) {
+		g := newGate()
+		h := background.NewHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { addTask(r, g.task) }))
+		returned := make(chan struct{})
+		go func() {
+			h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
+			close(returned)
+		}()
+		synctest.Wait()
+		select {
+		case <-returned:
+		default:
+			t.Error("ServeHTTP waits for its task, and the connection's next request with it")
 		}
-		io.WriteString(w, "ok")
+		g.open()
+		h.Shutdown(context.Background())
+		<-returned
 	})
-	srv := serve(t, h)
-	tr := srv.Client().Transport.(*http.Transport).Clone()
-	tr.MaxConnsPerHost = 1 // the second request can only use the first one's connection
-	defer tr.CloseIdleConnections()
-	client := &http.Client{Transport: tr, Timeout: failSafe}
+	run(t, func(t *testing.T, p proto) {
+		g := newGate()
+		defer g.open()
+		srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/slow" {
+				addTask(r, g.task)
+			}
+			io.WriteString(w, "ok")
+		})
+		tr := srv.Client().Transport.(*http.Transport).Clone()
+		tr.MaxConnsPerHost = 1 // the second request can only use the first one's connection
+		defer tr.CloseIdleConnections()
+		client := &http.Client{Transport: tr, Timeout: failSafe}
 
-	get(t, client, srv.URL+"/slow")
-	await(t, started, "the first request's task")
-
-	var reused bool
-	trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { reused = info.Reused }}
-	req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "GET", srv.URL+"/fast", nil)
-	resp, err := client.Do(req)
-	if err != nil {
-		t.Fatalf("second request on the connection, while the first one's task runs: %v", err)
-	}
-	io.Copy(io.Discard, resp.Body)
-	resp.Body.Close()
-	if !reused {
-		t.Error("the second request did not reuse the keep-alive connection")
-	}
+		get(t, client, srv.URL+"/slow")
+		await(t, g.started, "the first request's task")
+		var reused bool
+		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { reused = info.Reused }}
+		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "GET", srv.URL+"/fast", nil)
+		openRequest(t, client, req)
+		if !reused {
+			t.Error("the second request did not reuse the keep-alive connection")
+		}
+	})
 }
 
 func TestConnectionSlowReaderHoldsUpNoOtherRequestOrTask(t *testing.T) {
-	const others = 20
-	ran := make(chan string, others+1)
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { ran <- r.URL.Path; return nil })
-		if r.URL.Path != "/big" {
-			io.WriteString(w, "small")
-			return
+	run(t, func(t *testing.T, p proto) {
+		const others = 20
+		ran := make(chan string, others+1)
+		srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			addTask(r, func(context.Context) error { ran <- r.URL.Path; return nil })
+			if r.URL.Path != "/big" {
+				io.WriteString(w, "small")
+				return
+			}
+			chunk := make([]byte, 32<<10)
+			for n := 0; n < 256<<20; n += len(chunk) { // far more than the socket buffers hold
+				if _, err := w.Write(chunk); err != nil {
+					return // the slow reader has gone
+				}
+			}
+		})
+
+		slow := dial(t, srv)
+		io.WriteString(slow, "GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
+		if _, err := slow.Read(make([]byte, 1)); err != nil { // the response has begun; read no more
+			t.Fatal(err)
 		}
-		chunk := make([]byte, 32<<10)
-		for n := 0; n < 256<<20; n += len(chunk) { // far more than the socket buffers hold
-			if _, err := w.Write(chunk); err != nil {
-				return // the slow reader has gone
+		for i := range others {
+			get(t, srv.Client(), fmt.Sprintf("%s/small/%d", srv.URL, i))
+		}
+		for range others {
+			if path := await(t, ran, "the other requests' tasks"); path == "/big" {
+				t.Fatal("the slow reader's task ran while its response was still being written")
 			}
 		}
-	})
-	srv := serve(t, h)
-
-	slow, err := net.Dial("tcp", srv.Listener.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer slow.Close()
-	io.WriteString(slow, "GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
-	if _, err := slow.Read(make([]byte, 1)); err != nil { // the response has begun; read no more
-		t.Fatal(err)
-	}
-
-	for i := 0; i < others; i++ {
-		get(t, srv.Client(), fmt.Sprintf("%s/small/%d", srv.URL, i))
-	}
-	for i := 0; i < others; i++ {
-		if path := await(t, ran, "the other requests' tasks"); path == "/big" {
-			t.Fatal("the slow reader's task ran while its response was still being written")
+		slow.Close()
+		if path := await(t, ran, "the slow reader's task, once it had gone"); path != "/big" {
+			t.Errorf("extra task from %s", path)
 		}
-	}
-	slow.Close()
-	if path := await(t, ran, "the slow reader's task, once it had gone"); path != "/big" {
-		t.Errorf("extra task from %s", path)
-	}
+	}, http1)
 }
 
 func TestConnectionClientLeavingBeforeReadingStillGetsTasksRunOnce(t *testing.T) {
-	var runs atomic.Int32
-	added := make(chan struct{})
-	clientGone := make(chan bool, 1)
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { runs.Add(1); return nil })
-		close(added)
-		_, ok := receive(r.Context().Done()) // net/http cancels it when the client leaves
-		clientGone <- ok
-		io.WriteString(w, "nobody reads this")
-	})
-	srv := serve(t, h)
+	run(t, func(t *testing.T, p proto) {
+		var runs atomic.Int32
+		added := make(chan struct{})
+		clientGone := make(chan bool, 1)
+		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			addTask(r, func(context.Context) error { runs.Add(1); return nil })
+			close(added)
+			_, ok := receive(r.Context().Done()) // net/http cancels it when the client leaves
+			clientGone <- ok
+			io.WriteString(w, "nobody reads this")
+		})
 
-	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.WriteString(conn, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-	await(t, added, "the handler to add its task")
-	conn.Close()
-	if !await(t, clientGone, "the handler to finish") {
-		t.Fatal("the request's context was not canceled: net/http did not see the client leave")
-	}
-	shutdown(t, h)
-	if n := runs.Load(); n != 1 {
-		t.Errorf("the task ran %d times, want once", n)
-	}
+		ctx, leave := context.WithCancel(context.Background())
+		req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL, nil)
+		left := make(chan error, 1)
+		go func() {
+			_, err := srv.Client().Do(req)
+			left <- err
+		}()
+		await(t, added, "the handler to add its task")
+		leave()
+		if !await(t, clientGone, "the handler to finish") {
+			t.Fatal("the request's context was not canceled: net/http did not see the client leave")
+		}
+		if err := await(t, left, "the client to leave"); err == nil {
+			t.Fatal("the client got a response after it left")
+		}
+		shutdown(t, h)
+		if n := runs.Load(); n != 1 {
+			t.Errorf("the task ran %d times, want once", n)
+		}
+	})
 }
 
 // --- 3. TestOrder…: in order within a request, concurrently across requests ---
 
 func TestOrderTasksOfOneRequestRunOneAtATimeInOrder(t *testing.T) {
-	var (
-		mu      sync.Mutex
-		order   []int
-		running atomic.Int32
-	)
-	task := func(n int, then func(ctx context.Context)) func(context.Context) error {
-		return func(ctx context.Context) error {
-			if running.Add(1) != 1 {
-				t.Errorf("task %d started while another task of its request was running", n)
+	run(t, func(t *testing.T, p proto) {
+		var (
+			mu      sync.Mutex
+			order   []int
+			running atomic.Int32
+		)
+		task := func(n int, then func(ctx context.Context)) func(context.Context) error {
+			return func(ctx context.Context) error {
+				if running.Add(1) != 1 {
+					t.Errorf("task %d started while another task of its request was running", n)
+				}
+				mu.Lock()
+				order = append(order, n)
+				mu.Unlock()
+				if then != nil {
+					then(ctx)
+				}
+				running.Add(-1)
+				return nil
 			}
-			mu.Lock()
-			order = append(order, n)
-			mu.Unlock()
-			if then != nil {
-				then(ctx)
-			}
-			running.Add(-1)
-			return nil
 		}
-	}
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		tasks := background.FromContext(r.Context())
-		tasks.Add(task(1, func(ctx context.Context) {
-			background.FromContext(ctx).Add(task(5, nil)) // after those already queued
-		}))
-		for n := 2; n <= 4; n++ {
-			tasks.Add(task(n, nil))
+		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			tasks := background.FromContext(r.Context())
+			tasks.Add(task(1, func(ctx context.Context) {
+				background.FromContext(ctx).Add(task(5, nil)) // after those already queued
+			}))
+			for n := 2; n <= 4; n++ {
+				tasks.Add(task(n, nil))
+			}
+		})
+		get(t, srv.Client(), srv.URL)
+		shutdown(t, h)
+
+		mu.Lock()
+		defer mu.Unlock()
+		if want := []int{1, 2, 3, 4, 5}; !slices.Equal(order, want) {
+			t.Errorf("tasks ran in order %v, want %v", order, want)
 		}
 	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL)
-	shutdown(t, h)
-
-	mu.Lock()
-	defer mu.Unlock()
-	if want := []int{1, 2, 3, 4, 5}; !reflect.DeepEqual(order, want) {
-		t.Errorf("tasks ran in order %v, want %v", order, want)
-	}
 }
 
 func TestOrderTasksOfDifferentRequestsRunConcurrently(t *testing.T) {
-	var arrived sync.WaitGroup
-	arrived.Add(2)
-	both := make(chan struct{})
-	go func() { arrived.Wait(); close(both) }()
-	errs := make(chan error, 2)
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error {
-			arrived.Done()
-			select {
-			case <-both:
-				errs <- nil
-			case <-time.After(failSafe):
-				errs <- errors.New("the other request's task never ran alongside this one")
-			}
-			return nil
-		})
-	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL+"/a")
-	get(t, srv.Client(), srv.URL+"/b")
-	for i := 0; i < 2; i++ {
-		if err := await(t, errs, "a task"); err != nil {
-			t.Error(err)
+	// In a synctest bubble, which waits until every goroutine in it is
+	// blocked, a task queued behind another request's shows at once.
+	synctest.Test(t, func(t *testing.T) {
+		g := newGate()
+		h := background.NewHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { addTask(r, g.task) }))
+		var requests sync.WaitGroup
+		for _, path := range []string{"/a", "/b"} {
+			requests.Go(func() { h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", path, nil)) })
 		}
-	}
+		synctest.Wait()
+		if n := len(g.started); n != 2 {
+			t.Errorf("%d of the two requests' tasks are running; want both at once", n)
+		}
+		g.open()
+		requests.Wait()
+		h.Shutdown(context.Background())
+	})
+	run(t, func(t *testing.T, p proto) {
+		g := newGate()
+		defer g.open()
+		srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) { addTask(r, g.task) })
+		get(t, srv.Client(), srv.URL+"/a")
+		get(t, srv.Client(), srv.URL+"/b")
+		await(t, g.started, "a task")
+		await(t, g.started, "the other request's task, while the first one runs")
+	})
 }
 
 func TestOrderEveryTaskRunsExactlyOnceUnderConcurrentRequests(t *testing.T) {
-	const (
-		requests   = 300
-		goroutines = 4 // per request, each adding tasksEach tasks
-		tasksEach  = 2
-		clients    = 16
-	)
-	var runs [requests][goroutines * tasksEach]atomic.Int32
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		id := requestID(r)
-		tasks := background.FromContext(r.Context())
-		var wg sync.WaitGroup
-		for g := 0; g < goroutines; g++ {
-			wg.Go(func() {
-				for k := 0; k < tasksEach; k++ {
-					slot := &runs[id][g*tasksEach+k]
-					tasks.Add(func(context.Context) error { slot.Add(1); return nil })
+	run(t, func(t *testing.T, p proto) {
+		const (
+			requests   = 300
+			goroutines = 4 // per request, each adding tasksEach tasks
+			tasksEach  = 2
+			clients    = 16
+		)
+		var runs [requests][goroutines * tasksEach]atomic.Int32
+		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			id := requestID(r)
+			tasks := background.FromContext(r.Context())
+			var wg sync.WaitGroup
+			for g := range goroutines {
+				wg.Go(func() {
+					for k := range tasksEach {
+						slot := &runs[id][g*tasksEach+k]
+						tasks.Add(func(context.Context) error { slot.Add(1); return nil })
+					}
+				})
+			}
+			wg.Wait()
+		})
+		getEach(t, srv, requests, clients)
+		shutdown(t, h)
+		for id := range runs {
+			for k := range runs[id] {
+				if n := runs[id][k].Load(); n != 1 {
+					t.Errorf("request %d task %d ran %d times, want once", id, k, n)
 				}
-			})
-		}
-		wg.Wait()
-	})
-	srv := serve(t, h)
-	getEach(t, srv, requests, clients)
-	shutdown(t, h)
-	for id := range runs {
-		for k := range runs[id] {
-			if n := runs[id][k].Load(); n != 1 {
-				t.Errorf("request %d task %d ran %d times, want once", id, k, n)
 			}
 		}
-	}
+	})
 }
 
 // --- 4. TestContext…: values, and only Shutdown's cancellation ---
@@ -961,164 +1090,164 @@ func TestOrderEveryTaskRunsExactlyOnceUnderConcurrentRequests(t *testing.T) {
 type ctxKey string
 
 func TestContextOfTaskHasValuesButOnlyShutdownCancelsIt(t *testing.T) {
-	type result struct {
-		middleware, handler any
-		err                 error
-		hasDeadline         bool
-	}
-	results := make(chan result, 1)
-	causes := make(chan error, 1)
-	requestOver := errors.New("request over")
-	inner := func(w http.ResponseWriter, r *http.Request) {
-		reqCtx := r.Context()
-		ctx := context.WithValue(reqCtx, ctxKey("handler"), "from the handler")
-		background.FromContext(ctx).Add(func(ctx context.Context) error {
-			<-reqCtx.Done() // the handler has returned, and the request is over
-			_, ok := ctx.Deadline()
-			results <- result{ctx.Value(ctxKey("middleware")), ctx.Value(ctxKey("handler")), ctx.Err(), ok}
-			<-ctx.Done()
-			causes <- context.Cause(ctx)
-			return nil
+	run(t, func(t *testing.T, p proto) {
+		type result struct {
+			middleware, handler any
+			err                 error
+			hasDeadline         bool
+		}
+		results := make(chan result, 1)
+		causes := make(chan error, 1)
+		requestOver := errors.New("request over")
+		inner := func(w http.ResponseWriter, r *http.Request) {
+			reqCtx := r.Context()
+			ctx := context.WithValue(reqCtx, ctxKey("handler"), "from the handler")
+			background.FromContext(ctx).Add(func(ctx context.Context) error {
+				<-reqCtx.Done() // the handler has returned, and the request is over
+				_, ok := ctx.Deadline()
+				results <- result{ctx.Value(ctxKey("middleware")), ctx.Value(ctxKey("handler")), ctx.Err(), ok}
+				<-ctx.Done()
+				causes <- context.Cause(ctx)
+				return nil
+			})
+		}
+		// Middleware inside the wrapper adds a value to the request's context,
+		// and ends that context with a cause of its own.
+		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), ctxKey("middleware"), "from middleware"))
+			defer cancel(requestOver)
+			inner(w, r.WithContext(ctx))
 		})
-	}
-	// Middleware inside the wrapper adds a value to the request's context,
-	// and ends that context with a cause of its own.
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), ctxKey("middleware"), "from middleware"))
-		defer cancel(requestOver)
-		inner(w, r.WithContext(ctx))
+		get(t, srv.Client(), srv.URL)
+
+		got := await(t, results, "the task")
+		if got.middleware != "from middleware" || got.handler != "from the handler" {
+			t.Errorf("task saw values %q and %q, want the middleware's and the handler's", got.middleware, got.handler)
+		}
+		if got.err != nil || got.hasDeadline {
+			t.Errorf("after the request ended, the task's ctx has Err %v, deadline %v; want neither", got.err, got.hasDeadline)
+		}
+
+		h.Shutdown(expired())
+		if cause := await(t, causes, "the task's ctx to be canceled"); cause != context.Canceled {
+			t.Errorf("canceled by Shutdown, the task's ctx has cause %v, want context.Canceled", cause)
+		}
 	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL)
-
-	got := await(t, results, "the task")
-	if got.middleware != "from middleware" || got.handler != "from the handler" {
-		t.Errorf("task saw values %q and %q, want the middleware's and the handler's", got.middleware, got.handler)
-	}
-	if got.err != nil || got.hasDeadline {
-		t.Errorf("after the request ended, the task's ctx has Err %v, deadline %v; want neither", got.err, got.hasDeadline)
-	}
-
-	h.Shutdown(expired())
-	if cause := await(t, causes, "the task's ctx to be canceled"); cause != context.Canceled {
-		t.Errorf("canceled by Shutdown, the task's ctx has cause %v, want context.Canceled", cause)
-	}
 }
 
 func TestContextDerivedFromTaskContextStartsNoGoroutineAndSeesShutdown(t *testing.T) {
-	const derived = 300
-	goroutines := make(chan int, 1) // how many the derived contexts added
-	errs := make(chan error, 1)
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(ctx context.Context) error {
-			before := runtime.NumGoroutine()
-			var ctxs []context.Context
-			for i := 0; i < derived; i++ {
-				derive := context.WithCancel
-				if i%2 == 0 {
-					derive = func(ctx context.Context) (context.Context, context.CancelFunc) {
-						return context.WithTimeout(ctx, time.Hour)
+	run(t, func(t *testing.T, p proto) {
+		const derived = 300
+		goroutines := make(chan int, 1) // how many the derived contexts added
+		errs := make(chan error, 1)
+		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			addTask(r, func(ctx context.Context) error {
+				before := runtime.NumGoroutine()
+				var ctxs []context.Context
+				for i := range derived {
+					derive := context.WithCancel
+					if i%2 == 0 {
+						derive = func(ctx context.Context) (context.Context, context.CancelFunc) {
+							return context.WithTimeout(ctx, time.Hour)
+						}
+					}
+					c, cancel := derive(ctx)
+					defer cancel()
+					ctxs = append(ctxs, c)
+				}
+				goroutines <- runtime.NumGoroutine() - before
+				<-ctx.Done() // Shutdown has given up
+				for i, c := range ctxs {
+					if _, ok := receive(c.Done()); !ok {
+						errs <- fmt.Errorf("derived context %d was not canceled with the task's", i)
+						return nil
 					}
 				}
-				c, cancel := derive(ctx)
-				defer cancel()
-				ctxs = append(ctxs, c)
-			}
-			goroutines <- runtime.NumGoroutine() - before
-			<-ctx.Done() // Shutdown has given up
-			for i, c := range ctxs {
-				if _, ok := receive(c.Done()); !ok {
-					errs <- fmt.Errorf("derived context %d was not canceled with the task's", i)
-					return nil
-				}
-			}
-			errs <- nil
-			return nil
+				errs <- nil
+				return nil
+			})
 		})
+		get(t, srv.Client(), srv.URL)
+		if n := await(t, goroutines, "the task"); n > derived/10 {
+			t.Errorf("%d contexts derived from the task's ctx started %d goroutines; want next to none", derived, n)
+		}
+		h.Shutdown(expired())
+		if err := await(t, errs, "the task to see its derived contexts end"); err != nil {
+			t.Error(err)
+		}
 	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL)
-	if n := await(t, goroutines, "the task"); n > derived/10 {
-		t.Errorf("%d contexts derived from the task's ctx started %d goroutines; want next to none", derived, n)
-	}
-	h.Shutdown(expired())
-	if err := await(t, errs, "the task to see its derived contexts end"); err != nil {
-		t.Error(err)
-	}
 }
 
 // --- 5. TestFailure…: failures are logged, and the rest still run ---
 
 func TestFailureOfTasksIsLoggedAndTheRestStillRun(t *testing.T) {
-	ran := make(chan struct{})
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/jobs" {
-			return
-		}
-		addTask(r, func(context.Context) error { return errors.New("mail server said no") })
-		addTask(r, func(context.Context) error { panic("task blew up") })
-		addTask(r, func(context.Context) error { close(ran); return nil })
-	})
-	srv := serve(t, h)
-	resp, err := srv.Client().Post(srv.URL+"/jobs", "", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	await(t, ran, "the task after the failing ones")
-	shutdown(t, h)
+	run(t, func(t *testing.T, p proto) {
+		ran := make(chan struct{})
+		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path != "/jobs" {
+				return
+			}
+			addTask(r, func(context.Context) error { return errors.New("mail server said no") })
+			addTask(r, func(context.Context) error { panic("task blew up") })
+			addTask(r, func(context.Context) error { close(ran); return nil })
+		})
+		do(t, srv.Client(), "POST", srv.URL+"/jobs")
+		await(t, ran, "the task after the failing ones")
+		shutdown(t, h)
 
-	failed := logs.find(t, "task failed")
-	if failed == nil || failed["err"] != "mail server said no" || failed["method"] != "POST" || failed["path"] != "/jobs" {
-		t.Errorf("task error logged as %v; want its error, method and path", failed)
-	}
-	panicked := logs.find(t, "task panicked")
-	if panicked == nil || panicked["panic"] != "task blew up" || panicked["method"] != "POST" || panicked["path"] != "/jobs" ||
-		!strings.Contains(fmt.Sprint(panicked["stack"]), "background_test.TestFailureOfTasksIsLoggedAndTheRestStillRun") {
-		t.Errorf("task panic logged as %v; want its value, method, path and stack", panicked)
-	}
-	get(t, srv.Client(), srv.URL+"/still-up")
+		failed := logs.find(t, "task failed")
+		if failed == nil || failed["err"] != "mail server said no" || failed["method"] != "POST" || failed["path"] != "/jobs" {
+			t.Errorf("task error logged as %v; want its error, method and path", failed)
+		}
+		panicked := logs.find(t, "task panicked")
+		if panicked == nil || panicked["panic"] != "task blew up" || panicked["method"] != "POST" || panicked["path"] != "/jobs" ||
+			!strings.Contains(fmt.Sprint(panicked["stack"]), "background_test.TestFailureOfTasksIsLoggedAndTheRestStillRun") {
+			t.Errorf("task panic logged as %v; want its value, method, path and stack", panicked)
+		}
+		get(t, srv.Client(), srv.URL+"/still-up")
+	})
 }
 
 func TestFailureUnderLoadLeavesTheRestRunningOnce(t *testing.T) {
-	const requests, clients = 200, 8
-	var runs [requests]atomic.Int32
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/alive" {
-			return
+	run(t, func(t *testing.T, p proto) {
+		const requests, clients = 200, 8
+		var runs [requests]atomic.Int32
+		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/alive" {
+				return
+			}
+			id := requestID(r)
+			tasks := []func(context.Context) error{
+				func(context.Context) error { panic(fmt.Sprintf("task of request %d panics", id)) },
+				func(context.Context) error { return fmt.Errorf("task of request %d fails", id) },
+				func(context.Context) error { runs[id].Add(1); return nil },
+			}
+			for k := range tasks { // the counting task comes first, second or last
+				addTask(r, tasks[(k+id)%len(tasks)])
+			}
+		})
+		getEach(t, srv, requests, clients)
+		shutdown(t, h)
+
+		get(t, srv.Client(), srv.URL+"/alive")
+		for id := range runs {
+			if n := runs[id].Load(); n != 1 {
+				t.Errorf("request %d's counting task ran %d times, want once", id, n)
+			}
 		}
-		id := requestID(r)
-		tasks := []func(context.Context) error{
-			func(context.Context) error { panic(fmt.Sprintf("task of request %d panics", id)) },
-			func(context.Context) error { return fmt.Errorf("task of request %d fails", id) },
-			func(context.Context) error { runs[id].Add(1); return nil },
+		panicked, failed := 0, 0
+		for _, rec := range logs.records(t) {
+			switch rec["msg"] {
+			case "background: task panicked":
+				panicked++
+			case "background: task failed":
+				failed++
+			}
 		}
-		for k := range tasks { // the counting task comes first, second or last
-			addTask(r, tasks[(k+id)%len(tasks)])
+		if panicked < requests || failed < requests {
+			t.Errorf("logged %d panics and %d failures, want at least %d of each", panicked, failed, requests)
 		}
 	})
-	srv := serve(t, h)
-	getEach(t, srv, requests, clients)
-	shutdown(t, h)
-
-	get(t, srv.Client(), srv.URL+"/alive")
-	for id := range runs {
-		if n := runs[id].Load(); n != 1 {
-			t.Errorf("request %d's counting task ran %d times, want once", id, n)
-		}
-	}
-	panicked, failed := 0, 0
-	for _, rec := range logs.records(t) {
-		switch rec["msg"] {
-		case "background: task panicked":
-			panicked++
-		case "background: task failed":
-			failed++
-		}
-	}
-	if panicked < requests || failed < requests {
-		t.Errorf("logged %d panics and %d failures, want at least %d of each", panicked, failed, requests)
-	}
 }
 
 // stuckWriter blocks every Write until unblock is closed, like a log pipe
@@ -1161,52 +1290,51 @@ func TestFailureLogLineThatBlocksHoldsUpNoOtherTask(t *testing.T) {
 // --- 6. TestPanic…: a panicking handler runs no tasks ---
 
 func TestPanicInHandlerRunsNoTasks(t *testing.T) {
-	for _, late := range []bool{false, true} {
-		name := "task added before the panic"
-		if late {
-			name = "task added after the panic" // by a goroutine the handler left behind
-		}
-		t.Run(name, func(t *testing.T) {
-			var ran atomic.Bool
-			added := make(chan struct{})
-			h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-				tasks := background.FromContext(r.Context())
-				add := func() {
-					tasks.Add(func(context.Context) error { ran.Store(true); return nil })
-					close(added)
-				}
-				if late {
-					go func() {
-						receive(r.Context().Done()) // net/http cancels it once it has recovered the panic
+	run(t, func(t *testing.T, p proto) {
+		for _, late := range []bool{false, true} {
+			name := "task added before the panic"
+			if late {
+				name = "task added after the panic" // by a goroutine the handler left behind
+			}
+			t.Run(name, func(t *testing.T) {
+				var ran atomic.Bool
+				added := make(chan struct{})
+				srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+					tasks := background.FromContext(r.Context())
+					add := func() {
+						tasks.Add(func(context.Context) error { ran.Store(true); return nil })
+						close(added)
+					}
+					if late {
+						go func() {
+							receive(r.Context().Done()) // net/http cancels it once it has recovered the panic
+							add()
+						}()
+					} else {
 						add()
-					}()
-				} else {
-					add()
-				}
-				io.WriteString(w, "partial")
-				panic("handler blew up")
-			})
-			serverLog := new(logBuffer)
-			srv := serveLogging(t, h, serverLog)
+					}
+					io.WriteString(w, "partial")
+					panic("handler blew up")
+				})
 
-			if resp, err := srv.Client().Get(srv.URL); err == nil {
-				resp.Body.Close()
-				t.Fatalf("client got %s from a panicking handler; want the connection closed", resp.Status)
-			}
-			await(t, added, "the task to be added")
-			shutdown(t, h) // nothing is left to wait for
-			if ran.Load() {
-				t.Error("a task of a panicking handler ran")
-			}
-			if rec := logs.find(t, "dropped"); rec == nil || rec["count"] != 1.0 || rec["reason"] != "the handler panicked" {
-				t.Errorf("dropped tasks logged as %v; want a count of 1, because the handler panicked", rec)
-			}
-			srv.Close() // wait for net/http to have logged the panic
-			if !strings.Contains(serverLog.String(), "handler blew up") {
-				t.Errorf("net/http did not log the panic; its log: %q", serverLog.String())
-			}
-		})
-	}
+				if resp, err := srv.Client().Get(srv.URL); err == nil {
+					resp.Body.Close()
+					t.Fatalf("client got %s from a panicking handler; want the connection closed", resp.Status)
+				}
+				await(t, added, "the task to be added")
+				shutdown(t, h) // nothing is left to wait for
+				if ran.Load() {
+					t.Error("a task of a panicking handler ran")
+				}
+				if rec := logs.find(t, "dropped"); rec == nil || rec["count"] != 1.0 || rec["reason"] != "the handler panicked" {
+					t.Errorf("dropped tasks logged as %v; want a count of 1, because the handler panicked", rec)
+				}
+				if !srv.errorLog.waitFor("handler blew up") { // over HTTP/2, net/http logs it after resetting the stream
+					t.Errorf("net/http did not log the panic; its log: %q", srv.errorLog)
+				}
+			})
+		}
+	})
 }
 
 func TestPanicPropagatesUnchanged(t *testing.T) {
@@ -1218,38 +1346,16 @@ func TestPanicPropagatesUnchanged(t *testing.T) {
 	}
 }
 
-// An error status is an answer like any other: only a panic drops the tasks.
-func TestPanicIsTheOnlyFailureThatDropsTasks(t *testing.T) {
-	ran := make(chan struct{})
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { close(ran); return nil })
-		http.Error(w, "upstream said no", http.StatusBadGateway)
-	})
-	srv := serve(t, h)
-	resp, err := srv.Client().Get(srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusBadGateway {
-		t.Errorf("status %d, want %d", resp.StatusCode, http.StatusBadGateway)
-	}
-	await(t, ran, "the task of a handler that answered 502")
-	if rec := logs.find(t, "dropped"); rec != nil {
-		t.Errorf("the task was dropped: %v", rec)
-	}
-}
-
 func TestPanicAfterWritingSendsNoneOfTheHeldBackBody(t *testing.T) {
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		w.Write(make([]byte, 8<<10)) // without the wrapper, some of it would be on its way
-		panic(http.ErrAbortHandler)
-	})
-	srv := serve(t, h)
-	got := rawExchange(t, srv.Listener.Addr().String(), "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-	if got != "" {
-		t.Errorf("the client got %d bytes (%.40q...); the doc says it gets none", len(got), got)
-	}
+	run(t, func(t *testing.T, p proto) {
+		srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			w.Write(make([]byte, 8<<10)) // without the wrapper, some of it would be on its way
+			panic(http.ErrAbortHandler)
+		})
+		if got := rawExchange(t, srv, "GET / HTTP/1.1\r\nHost: test\r\n\r\n"); got != "" {
+			t.Errorf("the client got %d bytes (%.40q...); the doc says it gets none", len(got), got)
+		}
+	}, http1)
 }
 
 // --- 7. TestAdd…: misuse panics clearly; a late Add still runs ---
@@ -1281,30 +1387,27 @@ func TestAddMisusePanicsSayingWhat(t *testing.T) {
 }
 
 func TestAddAfterTasksFinishedRunsAndShutdownWaitsForIt(t *testing.T) {
-	firstDone := make(chan struct{})
-	lateStarted := make(chan context.Context)
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		tasks := background.FromContext(r.Context())
-		tasks.Add(func(context.Context) error { close(firstDone); return nil })
-		go func() { // a goroutine that outlives the handler
-			<-firstDone
-			tasks.Add(func(ctx context.Context) error {
-				lateStarted <- ctx
-				<-ctx.Done()
-				return nil
-			})
-		}()
-	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL)
-	taskCtx := await(t, lateStarted, "the task added late")
+	run(t, func(t *testing.T, p proto) {
+		firstDone, late := make(chan struct{}), newGate()
+		defer late.open()
+		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			tasks := background.FromContext(r.Context())
+			tasks.Add(func(context.Context) error { close(firstDone); return nil })
+			go func() { // a goroutine that outlives the handler
+				<-firstDone
+				tasks.Add(late.task)
+			}()
+		})
+		get(t, srv.Client(), srv.URL)
+		taskCtx := await(t, late.started, "the task added late")
 
-	// Shutdown must count the late task: with no time to wait, it reports
-	// the task still running, and cancels it.
-	if err := h.Shutdown(expired()); err != context.Canceled {
-		t.Fatalf("Shutdown with a task running = %v, want context.Canceled", err)
-	}
-	await(t, taskCtx.Done(), "the late task's context to be canceled")
+		// Shutdown must count the late task: with no time to wait, it reports
+		// the task still running, and cancels it.
+		if err := h.Shutdown(expired()); err != context.Canceled {
+			t.Fatalf("Shutdown with a task running = %v, want context.Canceled", err)
+		}
+		await(t, taskCtx.Done(), "the late task's context to be canceled")
+	})
 }
 
 // --- 8. TestShutdown…: waits, gives up, and loses nothing silently ---
@@ -1323,433 +1426,447 @@ func (c *waitingContext) Done() <-chan struct{} {
 }
 
 func TestShutdownWaitsForQueuedAndRunningTasks(t *testing.T) {
-	started, release := make(chan struct{}), make(chan struct{})
-	var done atomic.Int32
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error {
-			close(started)
-			<-release
-			done.Add(1)
-			return nil
+	run(t, func(t *testing.T, p proto) {
+		g := newGate()
+		defer g.open()
+		var done atomic.Int32
+		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			addTask(r, func(ctx context.Context) error {
+				g.task(ctx)
+				done.Add(1)
+				return nil
+			})
+			addTask(r, func(context.Context) error { done.Add(1); return nil })
 		})
-		addTask(r, func(context.Context) error { done.Add(1); return nil })
-	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL)
-	await(t, started, "the first task")
+		get(t, srv.Client(), srv.URL)
+		await(t, g.started, "the first task")
 
-	type result struct {
-		err  error
-		done int32 // tasks done when Shutdown returned
-	}
-	results := make(chan result, 1)
-	ctx, cancel := context.WithTimeout(context.Background(), failSafe)
-	defer cancel()
-	wctx := &waitingContext{Context: ctx, waiting: make(chan struct{})}
-	go func() {
-		err := h.Shutdown(wctx)
-		results <- result{err, done.Load()}
-	}()
-	await(t, wctx.waiting, "Shutdown to wait")
-	close(release)
-	if got := await(t, results, "Shutdown"); got.err != nil || got.done != 2 {
-		t.Errorf("Shutdown returned %v with %d of 2 tasks done; want nil with both", got.err, got.done)
-	}
+		type result struct {
+			err  error
+			done int32 // tasks done when Shutdown returned
+		}
+		results := make(chan result, 1)
+		ctx, cancel := context.WithTimeout(context.Background(), failSafe)
+		defer cancel()
+		wctx := &waitingContext{Context: ctx, waiting: make(chan struct{})}
+		go func() {
+			err := h.Shutdown(wctx)
+			results <- result{err, done.Load()}
+		}()
+		await(t, wctx.waiting, "Shutdown to wait")
+		g.open()
+		if got := await(t, results, "Shutdown"); got.err != nil || got.done != 2 {
+			t.Errorf("Shutdown returned %v with %d of 2 tasks done; want nil with both", got.err, got.done)
+		}
+	})
 }
 
 func TestShutdownDeadlineCancelsRunningAndDropsQueued(t *testing.T) {
-	started := make(chan context.Context)
-	release := make(chan struct{})
-	var secondRan atomic.Bool
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(ctx context.Context) error {
-			started <- ctx
-			<-release // ignores ctx: Shutdown must not wait for it
-			return nil
+	run(t, func(t *testing.T, p proto) {
+		g := newGate() // its task ignores ctx: Shutdown must not wait for it
+		defer g.open()
+		var secondRan atomic.Bool
+		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			addTask(r, g.task)
+			addTask(r, func(context.Context) error { secondRan.Store(true); return nil })
 		})
-		addTask(r, func(context.Context) error { secondRan.Store(true); return nil })
+		get(t, srv.Client(), srv.URL)
+		taskCtx := await(t, g.started, "the first task")
+
+		errc := make(chan error, 1)
+		go func() { errc <- h.Shutdown(expired()) }()
+		if err := await(t, errc, "Shutdown to give up"); err != context.Canceled {
+			t.Errorf("Shutdown past its deadline = %v, want context.Canceled", err)
+		}
+		await(t, taskCtx.Done(), "the running task's context to be canceled")
+		if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["dropped"] != 1.0 {
+			t.Errorf("Shutdown logged %v; want a record of 1 dropped task", rec)
+		}
+
+		g.open()
+		shutdown(t, h)
+		if secondRan.Load() {
+			t.Error("a queued task started after Shutdown's deadline")
+		}
 	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL)
-	taskCtx := await(t, started, "the first task")
-
-	errc := make(chan error, 1)
-	go func() { errc <- h.Shutdown(expired()) }()
-	if err := await(t, errc, "Shutdown to give up"); err != context.Canceled {
-		t.Errorf("Shutdown past its deadline = %v, want context.Canceled", err)
-	}
-	await(t, taskCtx.Done(), "the running task's context to be canceled")
-	if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["dropped"] != 1.0 {
-		t.Errorf("Shutdown logged %v; want a record of 1 dropped task", rec)
-	}
-
-	close(release)
-	shutdown(t, h)
-	if secondRan.Load() {
-		t.Error("a queued task started after Shutdown's deadline")
-	}
 }
 
 func TestShutdownDeadlinePassedDropsLaterTasksWithALogLine(t *testing.T) {
-	var ran atomic.Bool
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/late" {
-			addTask(r, func(context.Context) error { ran.Store(true); return nil })
-			return
+	run(t, func(t *testing.T, p proto) {
+		var ran atomic.Bool
+		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/late" {
+				addTask(r, func(context.Context) error { ran.Store(true); return nil })
+				return
+			}
+			addTask(r, func(ctx context.Context) error { <-ctx.Done(); return nil })
+		})
+		get(t, srv.Client(), srv.URL+"/keeps-shutdown-waiting")
+		if err := h.Shutdown(expired()); err != context.Canceled {
+			t.Fatalf("Shutdown = %v, want context.Canceled", err)
 		}
-		addTask(r, func(ctx context.Context) error { <-ctx.Done(); return nil })
-	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL+"/keeps-shutdown-waiting")
-	if err := h.Shutdown(expired()); err != context.Canceled {
-		t.Fatalf("Shutdown = %v, want context.Canceled", err)
-	}
 
-	get(t, srv.Client(), srv.URL+"/late")
-	shutdown(t, h)
-	if ran.Load() {
-		t.Error("a task added after Shutdown's deadline ran")
-	}
-	if rec := logs.find(t, "tasks dropped"); rec == nil || rec["path"] != "/late" {
-		t.Errorf("dropped task logged as %v; want a record naming /late", rec)
-	}
+		get(t, srv.Client(), srv.URL+"/late")
+		shutdown(t, h)
+		if ran.Load() {
+			t.Error("a task added after Shutdown's deadline ran")
+		}
+		if rec := logs.find(t, "tasks dropped"); rec == nil || rec["path"] != "/late" {
+			t.Errorf("dropped task logged as %v; want a record naming /late", rec)
+		}
+	})
 }
 
 func TestShutdownReturnsNilOnlyIfNoTaskWasLost(t *testing.T) {
-	started, release := make(chan struct{}), make(chan struct{})
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error {
-			close(started)
-			receive(release) // ignores ctx: Shutdown waits for it all the same
-			return nil
+	run(t, func(t *testing.T, p proto) {
+		g := newGate() // its task ignores ctx: Shutdown waits for it all the same
+		defer g.open()
+		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			addTask(r, g.task)
+			addTask(r, func(context.Context) error { return nil }) // queued behind it
 		})
-		addTask(r, func(context.Context) error { return nil }) // queued behind it
-	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL)
-	await(t, started, "the first task")
+		get(t, srv.Client(), srv.URL)
+		await(t, g.started, "the first task")
 
-	// A patient Shutdown waits; an impatient one gives up meanwhile, and
-	// drops the queued task.
-	ctx, cancel := context.WithTimeout(context.Background(), failSafe)
-	defer cancel()
-	wctx := &waitingContext{Context: ctx, waiting: make(chan struct{})}
-	patient := make(chan error, 1)
-	go func() { patient <- h.Shutdown(wctx) }()
-	await(t, wctx.waiting, "the patient Shutdown to wait")
-	if err := h.Shutdown(expired()); err != context.Canceled {
-		t.Fatalf("the impatient Shutdown = %v, want context.Canceled", err)
-	}
-	close(release)
-	if err := await(t, patient, "the patient Shutdown"); err != context.Canceled {
-		t.Errorf("the patient Shutdown = %v, though the other one dropped a task; want its error, context.Canceled", err)
-	}
-	if err := h.Shutdown(ctx); err != context.Canceled {
-		t.Errorf("a later Shutdown = %v; want context.Canceled still", err)
-	}
+		// A patient Shutdown waits; an impatient one gives up meanwhile, and
+		// drops the queued task.
+		ctx, cancel := context.WithTimeout(context.Background(), failSafe)
+		defer cancel()
+		wctx := &waitingContext{Context: ctx, waiting: make(chan struct{})}
+		patient := make(chan error, 1)
+		go func() { patient <- h.Shutdown(wctx) }()
+		await(t, wctx.waiting, "the patient Shutdown to wait")
+		if err := h.Shutdown(expired()); err != context.Canceled {
+			t.Fatalf("the impatient Shutdown = %v, want context.Canceled", err)
+		}
+		g.open()
+		if err := await(t, patient, "the patient Shutdown"); err != context.Canceled {
+			t.Errorf("the patient Shutdown = %v, though the other one dropped a task; want its error, context.Canceled", err)
+		}
+		if err := h.Shutdown(ctx); err != context.Canceled {
+			t.Errorf("a later Shutdown = %v; want context.Canceled still", err)
+		}
+	})
 }
 
 func TestShutdownReturnedThenTaskAddedRunsAndIsLogged(t *testing.T) {
-	release, added, ran := make(chan struct{}), make(chan struct{}), make(chan struct{})
-	slow := func(w http.ResponseWriter, r *http.Request) {
-		receive(release) // still running when http.TimeoutHandler answers
-		addTask(r, func(context.Context) error { close(ran); return nil })
-		close(added) // Add has logged by now; the task may have run before that
-	}
-	h, logs := wrap(t, http.TimeoutHandler(http.HandlerFunc(slow), time.Millisecond, "too slow").ServeHTTP)
-	srv := serve(t, h)
-	resp, err := srv.Client().Get(srv.URL + "/slow")
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusServiceUnavailable {
-		t.Fatalf("got %s, want http.TimeoutHandler's 503", resp.Status)
-	}
-	if err := h.Shutdown(expired()); err != nil {
-		t.Fatalf("Shutdown with nothing to wait for = %v, want nil", err)
-	}
+	run(t, func(t *testing.T, p proto) {
+		release, added, ran := make(chan struct{}), make(chan struct{}), make(chan struct{})
+		slow := func(w http.ResponseWriter, r *http.Request) {
+			receive(release) // still running when http.TimeoutHandler answers
+			addTask(r, func(context.Context) error { close(ran); return nil })
+			close(added) // Add has logged by now; the task may have run before that
+		}
+		srv, h, logs := serveWrapped(t, p, http.TimeoutHandler(http.HandlerFunc(slow), time.Millisecond, "too slow").ServeHTTP)
+		if resp, _ := do(t, srv.Client(), "GET", srv.URL+"/slow"); resp.StatusCode != http.StatusServiceUnavailable {
+			t.Fatalf("got %s, want http.TimeoutHandler's 503", resp.Status)
+		}
+		if err := h.Shutdown(expired()); err != nil {
+			t.Fatalf("Shutdown with nothing to wait for = %v, want nil", err)
+		}
 
-	close(release)
-	await(t, ran, "the task added after Shutdown returned")
-	await(t, added, "Add to return")
-	if rec := logs.find(t, "after Shutdown returned"); rec == nil || rec["path"] != "/slow" {
-		t.Errorf("the task added after Shutdown returned was logged as %v; want a record naming /slow", rec)
-	}
+		close(release)
+		await(t, ran, "the task added after Shutdown returned")
+		await(t, added, "Add to return")
+		if rec := logs.find(t, "after Shutdown returned"); rec == nil || rec["path"] != "/slow" {
+			t.Errorf("the task added after Shutdown returned was logged as %v; want a record naming /slow", rec)
+		}
+	})
 }
 
 func TestShutdownSumsUpTheCancellationsItCausesInOneLine(t *testing.T) {
-	const requests, clients = 300, 8
-	var started sync.WaitGroup
-	started.Add(requests + 1)
-	allStarted := make(chan struct{})
-	go func() { started.Wait(); close(allStarted) }()
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/own-cancellation": // not Shutdown's: logged
-			addTask(r, func(ctx context.Context) error {
-				ctx, cancel := context.WithCancel(ctx)
-				cancel()
-				return ctx.Err()
-			})
-		case "/other-error": // after Shutdown's cancellation, but not it: logged
-			addTask(r, func(ctx context.Context) error {
-				started.Done()
-				<-ctx.Done()
-				return errors.New("mail server said no")
-			})
-		default: // Shutdown's cancellation, as such or wrapped: counted, not logged
-			addTask(r, func(ctx context.Context) error {
-				started.Done()
-				<-ctx.Done()
-				if requestID(r)%2 == 0 {
+	run(t, func(t *testing.T, p proto) {
+		const requests, clients = 300, 8
+		var started sync.WaitGroup
+		started.Add(requests + 1)
+		allStarted := make(chan struct{})
+		go func() { started.Wait(); close(allStarted) }()
+		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			switch r.URL.Path {
+			case "/own-cancellation": // not Shutdown's: logged
+				addTask(r, func(ctx context.Context) error {
+					ctx, cancel := context.WithCancel(ctx)
+					cancel()
 					return ctx.Err()
-				}
-				return fmt.Errorf("sending mail: %w", ctx.Err())
-			})
+				})
+			case "/other-error": // after Shutdown's cancellation, but not it: logged
+				addTask(r, func(ctx context.Context) error {
+					started.Done()
+					<-ctx.Done()
+					return errors.New("mail server said no")
+				})
+			default: // Shutdown's cancellation, as such or wrapped: counted, not logged
+				addTask(r, func(ctx context.Context) error {
+					started.Done()
+					<-ctx.Done()
+					if requestID(r)%2 == 0 {
+						return ctx.Err()
+					}
+					return fmt.Errorf("sending mail: %w", ctx.Err())
+				})
+			}
+		})
+		get(t, srv.Client(), srv.URL+"/own-cancellation")
+		get(t, srv.Client(), srv.URL+"/other-error")
+		getEach(t, srv, requests, clients)
+		await(t, allStarted, "every task to start")
+		h.Shutdown(expired())
+		shutdown(t, h) // wait for the canceled tasks to return
+
+		var msgs []string
+		for _, rec := range logs.records(t) {
+			msgs = append(msgs, fmt.Sprintf("%s %v", rec["msg"], rec["err"]))
+		}
+		slices.Sort(msgs)
+		want := []string{
+			"background: shutdown deadline passed; running tasks canceled, queued ones dropped <nil>",
+			"background: task failed context canceled",
+			"background: task failed mail server said no",
+		}
+		if !slices.Equal(msgs, want) {
+			t.Errorf("Shutdown canceled %d tasks, and the log had %d lines:\n%s\nwant:\n%s",
+				requests+1, len(msgs), strings.Join(msgs[:min(len(msgs), 10)], "\n"), strings.Join(want, "\n"))
+		}
+		if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["running"] != float64(requests+1) {
+			t.Errorf("Shutdown's line is %v; want it to count %d running tasks", rec, requests+1)
 		}
 	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL+"/own-cancellation")
-	get(t, srv.Client(), srv.URL+"/other-error")
-	getEach(t, srv, requests, clients)
-	await(t, allStarted, "every task to start")
-	h.Shutdown(expired())
-	shutdown(t, h) // wait for the canceled tasks to return
-
-	var msgs []string
-	for _, rec := range logs.records(t) {
-		msgs = append(msgs, fmt.Sprintf("%s %v", rec["msg"], rec["err"]))
-	}
-	slices.Sort(msgs)
-	want := []string{
-		"background: shutdown deadline passed; running tasks canceled, queued ones dropped <nil>",
-		"background: task failed context canceled",
-		"background: task failed mail server said no",
-	}
-	if !slices.Equal(msgs, want) {
-		t.Errorf("Shutdown canceled %d tasks, and the log had %d lines:\n%s\nwant:\n%s",
-			requests+1, len(msgs), strings.Join(msgs[:min(len(msgs), 10)], "\n"), strings.Join(want, "\n"))
-	}
-	if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["running"] != float64(requests+1) {
-		t.Errorf("Shutdown's line is %v; want it to count %d running tasks", rec, requests+1)
-	}
 }
 
 func TestShutdownIsSafeConcurrentlyAndRepeatedly(t *testing.T) {
-	const requests, clients = 96, 8
-	var ran atomic.Int32
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { ran.Add(1); return nil })
-	})
-	shutdown(t, h) // nothing to wait for yet
-	srv := serve(t, h)
-
-	var wg sync.WaitGroup
-	stop := make(chan struct{})
-	for i := 0; i < 3; i++ {
-		wg.Go(func() {
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-					shutdown(t, h)
-				}
-			}
+	run(t, func(t *testing.T, p proto) {
+		const requests, clients = 96, 8
+		var ran atomic.Int32
+		h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+			addTask(r, func(context.Context) error { ran.Add(1); return nil })
 		})
-	}
-	getEach(t, srv, requests, clients)
-	close(stop)
-	wg.Wait()
-	shutdown(t, h)
-	if got, want := ran.Load(), int32(requests); got != want {
-		t.Errorf("%d tasks ran, want %d", got, want)
-	}
+		shutdown(t, h) // nothing to wait for yet
+		srv := serve(t, p, h)
+
+		var wg sync.WaitGroup
+		stop := make(chan struct{})
+		for range 3 {
+			wg.Go(func() {
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+						shutdown(t, h)
+					}
+				}
+			})
+		}
+		getEach(t, srv, requests, clients)
+		close(stop)
+		wg.Wait()
+		shutdown(t, h)
+		if got, want := ran.Load(), int32(requests); got != want {
+			t.Errorf("%d tasks ran, want %d", got, want)
+		}
+	})
 }
 
 func TestShutdownRacingRequestsDropsNoTaskWithoutALogLine(t *testing.T) {
-	const clients, requestsEach = 8, 40
-	var added, ran atomic.Int32
-	first := make(chan struct{})
-	var once sync.Once
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		once.Do(func() { // keep one task running until Shutdown gives up, so that it must drop
-			added.Add(1)
-			addTask(r, func(ctx context.Context) error {
-				ran.Add(1)
-				close(first)
-				<-ctx.Done()
-				return nil
+	run(t, func(t *testing.T, p proto) {
+		const clients, requestsEach = 8, 40
+		var added, ran atomic.Int32
+		first := make(chan struct{})
+		var once sync.Once
+		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			once.Do(func() { // keep one task running until Shutdown gives up, so that it must drop
+				added.Add(1)
+				addTask(r, func(ctx context.Context) error {
+					ran.Add(1)
+					close(first)
+					<-ctx.Done()
+					return nil
+				})
 			})
-		})
-		for k := 0; k < 2; k++ {
-			added.Add(1)
-			addTask(r, func(context.Context) error { ran.Add(1); return nil })
-		}
-	})
-	srv := serve(t, h)
-
-	var wg sync.WaitGroup
-	for c := 0; c < clients; c++ {
-		wg.Go(func() {
-			for j := 0; j < requestsEach; j++ {
-				tryGet(srv.Client(), srv.URL) // a request may fail once Shutdown has given up: no matter
+			for range 2 {
+				added.Add(1)
+				addTask(r, func(context.Context) error { ran.Add(1); return nil })
 			}
 		})
-	}
-	await(t, first, "the first task")
-	var shutdowns sync.WaitGroup
-	for i := 0; i < 3; i++ {
-		shutdowns.Go(func() {
-			h.Shutdown(expired())
-		})
-	}
-	shutdowns.Wait()
-	wg.Wait()
-	srv.Close()
-	shutdown(t, h) // the tasks that were running when the deadline passed
 
-	dropped := 0
-	for _, rec := range logs.records(t) {
-		switch rec["msg"] {
-		case "background: tasks dropped":
-			dropped += int(rec["count"].(float64))
-		case "background: shutdown deadline passed; running tasks canceled, queued ones dropped":
-			dropped += int(rec["dropped"].(float64))
+		var wg sync.WaitGroup
+		for range clients {
+			wg.Go(func() {
+				for range requestsEach {
+					tryGet(srv.Client(), srv.URL) // a request may fail once Shutdown has given up: no matter
+				}
+			})
 		}
-	}
-	if logs.find(t, "shutdown deadline passed") == nil {
-		t.Error("Shutdown did not give up, though a task was running")
-	}
-	if a, r := int(added.Load()), int(ran.Load()); a != r+dropped {
-		t.Errorf("%d tasks added, %d ran and %d were logged as dropped: %d lost without a word", a, r, dropped, a-r-dropped)
-	}
+		await(t, first, "the first task")
+		var shutdowns sync.WaitGroup
+		for range 3 {
+			shutdowns.Go(func() {
+				h.Shutdown(expired())
+			})
+		}
+		shutdowns.Wait()
+		wg.Wait()
+		srv.Close()
+		shutdown(t, h) // the tasks that were running when the deadline passed
+
+		dropped := 0
+		for _, rec := range logs.records(t) {
+			switch rec["msg"] {
+			case "background: tasks dropped":
+				dropped += int(rec["count"].(float64))
+			case "background: shutdown deadline passed; running tasks canceled, queued ones dropped":
+				dropped += int(rec["dropped"].(float64))
+			}
+		}
+		if logs.find(t, "shutdown deadline passed") == nil {
+			t.Error("Shutdown did not give up, though a task was running")
+		}
+		if a, r := int(added.Load()), int(ran.Load()); a != r+dropped {
+			t.Errorf("%d tasks added, %d ran and %d were logged as dropped: %d lost without a word", a, r, dropped, a-r-dropped)
+		}
+	})
 }
 
 // --- 9. TestWriter…: the handler's w ---
 
 func TestWriterKeptByTaskReachesNoOtherResponse(t *testing.T) {
-	const rounds = 50
-	type use struct {
-		header   string // what the kept w's Header held after the task set it
-		writeErr error
-	}
-	serving := make(chan struct{}) // /b's handler is running
-	used := make(chan use)         // the task has used the kept w, or panicked trying
-	uses := make(chan use, 1)      // passed on by /b's handler, once it has written
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/b" {
-			select {
-			case serving <- struct{}{}:
-			case <-time.After(failSafe):
+	run(t, func(t *testing.T, p proto) {
+		const rounds = 50
+		type use struct {
+			header   string // what the kept w's Header held after the task set it
+			writeErr error
+		}
+		serving := make(chan struct{}) // /b's handler is running
+		used := make(chan use)         // the task has used the kept w, or panicked trying
+		uses := make(chan use, 1)      // passed on by /b's handler, once it has written
+		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/b" {
+				select {
+				case serving <- struct{}{}:
+				case <-time.After(failSafe):
+				}
+				u, _ := receive(used)
+				io.WriteString(w, "b")
+				uses <- u
+				return
 			}
-			u, _ := receive(used)
-			io.WriteString(w, "b")
-			uses <- u
-			return
-		}
-		addTask(r, func(context.Context) error {
-			var u use
-			defer func() { used <- u }()
-			receive(serving)
-			// The mistake: a closure that kept the handler's w.
-			w.Header().Set("Set-Cookie", "session=user-A-secret")
-			u.header = w.Header().Get("Set-Cookie")
-			_, u.writeErr = io.WriteString(w, "leak")
-			w.WriteHeader(http.StatusTeapot)
-			w.(http.Flusher).Flush()
-			return nil
+			addTask(r, func(context.Context) error {
+				var u use
+				defer func() { used <- u }()
+				receive(serving)
+				// The mistake: a closure that kept the handler's w.
+				w.Header().Set("Set-Cookie", "session=user-A-secret")
+				u.header = w.Header().Get("Set-Cookie")
+				_, u.writeErr = io.WriteString(w, "leak")
+				w.WriteHeader(http.StatusTeapot)
+				w.(http.Flusher).Flush()
+				return nil
+			})
 		})
+		for i := range rounds {
+			get(t, srv.Client(), srv.URL+"/a")
+			resp, body := do(t, srv.Client(), "GET", srv.URL+"/b")
+			if resp.StatusCode != http.StatusOK || body != "b" || resp.Header["Set-Cookie"] != nil {
+				t.Fatalf("round %d: /b got %s %q with Set-Cookie %q; want 200 \"b\" and no cookie",
+					i, resp.Status, body, resp.Header["Set-Cookie"])
+			}
+			u := await(t, uses, "the task")
+			if u.header != "session=user-A-secret" || u.writeErr == nil {
+				t.Fatalf("round %d: the kept w's Header held %q after Set, and Write returned %v; want the cookie, and an error",
+					i, u.header, u.writeErr)
+			}
+		}
+		shutdown(t, h)
+		if rec := logs.find(t, "task panicked"); rec != nil {
+			t.Fatalf("using the kept w panicked: %v", rec["panic"])
+		}
 	})
-	srv := serve(t, h)
-	for i := 0; i < rounds; i++ {
-		get(t, srv.Client(), srv.URL+"/a")
-		resp, err := srv.Client().Get(srv.URL + "/b")
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, err := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if err != nil || resp.StatusCode != http.StatusOK || string(body) != "b" || resp.Header["Set-Cookie"] != nil {
-			t.Fatalf("round %d: /b got %s %q (%v) with Set-Cookie %q; want 200 \"b\" and no cookie",
-				i, resp.Status, body, err, resp.Header["Set-Cookie"])
-		}
-		u := await(t, uses, "the task")
-		if u.header != "session=user-A-secret" || u.writeErr == nil {
-			t.Fatalf("round %d: the kept w's Header held %q after Set, and Write returned %v; want the cookie, and an error",
-				i, u.header, u.writeErr)
-		}
+}
+
+// Handlers ask w which interfaces it has: a WebSocket library, for one, may
+// type-assert w.(http.Hijacker) to choose between taking the connection over
+// and answering on it. So w is a Hijacker where net/http's writer is, over
+// HTTP/1 and not over HTTP/2, and has the other interfaces in both; through
+// http.ResponseController, it reaches the server's writer.
+func TestWriterHasTheInterfacesOfTheServersWriter(t *testing.T) {
+	type interfaces struct{ flusher, hijacker, readerFrom, unwrapper bool }
+	of := func(w http.ResponseWriter) (i interfaces) {
+		_, i.flusher = w.(http.Flusher)
+		_, i.hijacker = w.(http.Hijacker)
+		_, i.readerFrom = w.(io.ReaderFrom)
+		_, i.unwrapper = w.(interface{ Unwrap() http.ResponseWriter })
+		return i
 	}
-	shutdown(t, h)
-	if rec := logs.find(t, "task panicked"); rec != nil {
-		t.Fatalf("using the kept w panicked: %v", rec["panic"])
-	}
+	run(t, func(t *testing.T, p proto) {
+		server, wrapped := make(chan interfaces, 1), make(chan interfaces, 1)
+		h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+			wrapped <- of(w)
+			rc, deadline := http.NewResponseController(w), time.Now().Add(failSafe)
+			if err := errors.Join(rc.SetReadDeadline(deadline), rc.SetWriteDeadline(deadline), rc.EnableFullDuplex()); err != nil {
+				t.Errorf("SetReadDeadline, SetWriteDeadline or EnableFullDuplex through the wrapper: %v", err)
+			}
+		})
+		srv := serve(t, p, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			server <- of(w)
+			h.ServeHTTP(w, r)
+		}))
+		get(t, srv.Client(), srv.URL)
+		got, bare := await(t, wrapped, "the handler"), await(t, server, "the server")
+		want := interfaces{flusher: true, hijacker: bare.hijacker, readerFrom: true, unwrapper: true}
+		if got != want || bare.hijacker != (p == http1) {
+			t.Errorf("w is %+v; want %+v, since net/http's writer is %+v", got, want, bare)
+		}
+	})
 }
 
 // After Hijack, the connection is the handler's alone: the wrapper's writes
 // fail with http.ErrHijacked, as net/http's own writer's do, and write
-// nothing to it, yet the request's tasks still run.
+// nothing to it, yet the request's tasks still run. Header still returns the
+// handler's map, as net/http's does.
 func TestWriterHijackHandsOverTheConnectionAndTasksStillRun(t *testing.T) {
-	errs := make(chan error, 3)
-	ran := make(chan struct{})
-	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { close(ran); return nil })
-		conn, brw, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			t.Errorf("Hijack through the wrapper: %v", err)
-			return
-		}
-		defer conn.Close()
-		_, _, err = http.NewResponseController(w).Hijack()
-		errs <- err
-		_, err = io.WriteString(w, "too late")
-		errs <- err
-		_, err = io.Copy(w, readerOnly{strings.NewReader("too late")}) // through ReadFrom
-		errs <- err
-		brw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nhijacked")
-		brw.Flush()
-	})
-	serverLog := new(logBuffer)
-	srv := serveLogging(t, h, serverLog)
+	run(t, func(t *testing.T, p proto) {
+		errs := make(chan error, 3)
+		ran := make(chan struct{})
+		srv, _, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			addTask(r, func(context.Context) error { close(ran); return nil })
+			header := w.Header()
+			header.Set("X-Set-Before-Hijack", "yes")
+			conn, brw, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				t.Errorf("Hijack through the wrapper: %v", err)
+				return
+			}
+			defer conn.Close()
+			if w.Header().Get("X-Set-Before-Hijack") != "yes" || reflect.ValueOf(w.Header()).Pointer() != reflect.ValueOf(header).Pointer() {
+				t.Errorf("after Hijack, Header returns %v; want the map the handler had", w.Header())
+			}
+			_, _, err = http.NewResponseController(w).Hijack()
+			errs <- err
+			_, err = io.WriteString(w, "too late")
+			errs <- err
+			_, err = io.Copy(w, readerOnly{strings.NewReader("too late")}) // through ReadFrom
+			errs <- err
+			brw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nhijacked")
+			brw.Flush()
+		})
 
-	if body := get(t, srv.Client(), srv.URL); body != "hijacked" {
-		t.Errorf("client read %q, want %q", body, "hijacked")
-	}
-	for _, call := range []string{"a second Hijack", "Write", "io.Copy"} {
-		if err := await(t, errs, "the handler"); !errors.Is(err, http.ErrHijacked) {
-			t.Errorf("%s after Hijack returned %v; want http.ErrHijacked", call, err)
+		if body := get(t, srv.Client(), srv.URL); body != "hijacked" {
+			t.Errorf("client read %q, want %q", body, "hijacked")
 		}
-	}
-	await(t, ran, "the task of a hijacking handler")
-	if rec := logs.find(t, "dropped"); rec != nil {
-		t.Errorf("the task was dropped: %v", rec)
-	}
-	srv.Close()
-	if s := serverLog.String(); s != "" {
-		t.Errorf("the wrapper wrote to the hijacked connection; net/http said: %s", s)
-	}
-}
-
-func TestWriterResponseControllerReachesServerWriter(t *testing.T) {
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		rc := http.NewResponseController(w)
-		deadline := time.Now().Add(failSafe)
-		for _, call := range []struct {
-			name string
-			err  error
-		}{
-			{"SetReadDeadline", rc.SetReadDeadline(deadline)},
-			{"SetWriteDeadline", rc.SetWriteDeadline(deadline)},
-			{"EnableFullDuplex", rc.EnableFullDuplex()},
-		} {
-			if call.err != nil {
-				t.Errorf("%s through the wrapper: %v", call.name, call.err)
+		for _, call := range []string{"a second Hijack", "Write", "io.Copy"} {
+			if err := await(t, errs, "the handler"); !errors.Is(err, http.ErrHijacked) {
+				t.Errorf("%s after Hijack returned %v; want http.ErrHijacked", call, err)
 			}
 		}
-	})
-	srv := serve(t, h)
-	get(t, srv.Client(), srv.URL)
+		await(t, ran, "the task of a hijacking handler")
+		if rec := logs.find(t, "dropped"); rec != nil {
+			t.Errorf("the task was dropped: %v", rec)
+		}
+		srv.Close()
+		if s := srv.errorLog.String(); s != "" {
+			t.Errorf("the wrapper wrote to the hijacked connection; net/http said: %s", s)
+		}
+	}, http1)
 }
 
 func TestWriterFlushSendsEachChunkBeforeHandlerGoesOn(t *testing.T) {
@@ -1760,73 +1877,66 @@ func TestWriterFlushSendsEachChunkBeforeHandlerGoesOn(t *testing.T) {
 		{"http.Flusher", func(w http.ResponseWriter) error { w.(http.Flusher).Flush(); return nil }},
 		{"http.ResponseController", func(w http.ResponseWriter) error { return http.NewResponseController(w).Flush() }},
 	}
-	for _, tc := range flushes {
-		t.Run(tc.name, func(t *testing.T) {
-			clientGot := make(chan struct{})
-			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-				io.WriteString(w, "first")
-				if err := tc.flush(w); err != nil {
-					t.Errorf("Flush: %v", err)
-				}
-				if _, ok := receive(clientGot); !ok {
-					t.Error("timed out waiting for the client to read the flushed chunk")
-				}
-				io.WriteString(w, "second")
-			})
-			srv := serve(t, h)
-			resp, err := srv.Client().Get(srv.URL)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer resp.Body.Close()
-			first := make([]byte, len("first"))
-			if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" {
-				t.Fatalf("read %q, %v before the handler went on; want %q", first, err, "first")
-			}
-			close(clientGot)
-			if rest, err := io.ReadAll(resp.Body); err != nil || string(rest) != "second" {
-				t.Errorf("then read %q, %v; want %q", rest, err, "second")
-			}
-		})
-	}
-}
-
-func TestWriterCopyReportsBytesCopiedAndNoError(t *testing.T) {
-	for _, size := range []int{0, 17, bufferLimit, bufferLimit + 1, 3 * bufferLimit} {
-		for _, sized := range []bool{false, true} {
-			t.Run(fmt.Sprintf("%d bytes, Content-Length %v", size, sized), func(t *testing.T) {
-				type result struct {
-					n   int64
-					err error
-				}
-				results := make(chan result, 1)
-				h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-					if sized {
-						w.Header().Set("Content-Length", fmt.Sprint(size))
+	run(t, func(t *testing.T, p proto) {
+		for _, tc := range flushes {
+			t.Run(tc.name, func(t *testing.T) {
+				clientGot := make(chan struct{})
+				var srv *testServer
+				srv, _, _ = serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+					io.WriteString(w, "first")
+					if err := tc.flush(w); err != nil {
+						t.Errorf("Flush: %v", err)
 					}
-					n, err := io.Copy(w, readerOnly{bytes.NewReader(make([]byte, size))})
-					results <- result{n, err}
+					if p == http1 {
+						if !bytes.Contains(srv.wire.sent(), []byte("first")) {
+							t.Errorf("once Flush had returned, the wire held %q; want the chunk", srv.wire.sent())
+						}
+					} else if _, ok := receive(clientGot); !ok {
+						t.Error("timed out waiting for the client to read the flushed chunk")
+					}
+					io.WriteString(w, "second")
 				})
-				srv := serve(t, h)
-				if body := get(t, srv.Client(), srv.URL); len(body) != size {
-					t.Errorf("client got %d bytes, want %d", len(body), size)
+				resp := open(t, srv.Client(), "GET", srv.URL)
+				first := make([]byte, len("first"))
+				if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" {
+					t.Fatalf("read %q, %v before the handler went on; want %q", first, err, "first")
 				}
-				if got := await(t, results, "the handler"); got.n != int64(size) || got.err != nil {
-					t.Errorf("io.Copy = %d, %v; want %d, nil", got.n, got.err, size)
+				close(clientGot)
+				if rest, err := io.ReadAll(resp.Body); err != nil || string(rest) != "second" {
+					t.Errorf("then read %q, %v; want %q", rest, err, "second")
 				}
 			})
 		}
-	}
+	})
 }
 
-func TestWriterInvalidStatusPanicsInHandler(t *testing.T) {
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		w.WriteHeader(1000)
-		t.Error("WriteHeader(1000) returned; net/http panics there")
+func TestWriterCopyReportsBytesCopiedAndNoError(t *testing.T) {
+	run(t, func(t *testing.T, p proto) {
+		for _, size := range []int{0, 17, bufferLimit, bufferLimit + 1, 3 * bufferLimit} {
+			for _, sized := range []bool{false, true} {
+				t.Run(fmt.Sprintf("%d bytes, Content-Length %v", size, sized), func(t *testing.T) {
+					type result struct {
+						n   int64
+						err error
+					}
+					results := make(chan result, 1)
+					srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+						if sized {
+							w.Header().Set("Content-Length", fmt.Sprint(size))
+						}
+						n, err := io.Copy(w, readerOnly{bytes.NewReader(make([]byte, size))})
+						results <- result{n, err}
+					})
+					if body := get(t, srv.Client(), srv.URL); len(body) != size {
+						t.Errorf("client got %d bytes, want %d", len(body), size)
+					}
+					if got := await(t, results, "the handler"); got.n != int64(size) || got.err != nil {
+						t.Errorf("io.Copy = %d, %v; want %d, nil", got.n, got.err, size)
+					}
+				})
+			}
+		}
 	})
-	if v := panicOf(h); !strings.Contains(fmt.Sprint(v), "invalid WriteHeader code") {
-		t.Errorf("WriteHeader(1000) panicked with %v, want net/http's message", v)
-	}
 }
 
 // --- 10. TestMux…: safe around a whole mux ---
@@ -1844,44 +1954,52 @@ func writeFile(t *testing.T, dir, name string, size int) {
 	}
 }
 
-func TestMuxFileServerSendsTheSameBytesWithOrWithoutWrapper(t *testing.T) {
-	dir := t.TempDir()
-	writeFile(t, dir, "big.bin", 300<<10)
-	writeFile(t, dir, "small.bin", 1000)
-	files := http.FileServer(http.Dir(dir))
-	h, _ := wrap(t, files.ServeHTTP)
-	bare, wrapped := serve(t, files), serve(t, h)
+// http.FileServer sends the same bytes through the wrapper, and still hands
+// a file to its connection's ReadFrom, where the kernel's sendfile copies it
+// to the socket.
+func TestMuxFileServerSendsTheSameBytesThroughSendfile(t *testing.T) {
+	run(t, func(t *testing.T, p proto) {
+		dir := t.TempDir()
+		writeFile(t, dir, "big.bin", 300<<10)
+		writeFile(t, dir, "small.bin", 1000)
+		files := http.FileServer(http.Dir(dir))
+		h, _ := wrap(t, files.ServeHTTP)
+		bare, wrapped := serve(t, p, files), serve(t, p, h)
 
-	// Only the date and the random boundary of a multipart body may differ.
-	date := regexp.MustCompile("(?m)^Date: .*\r\n")
-	boundary := regexp.MustCompile("boundary=([0-9a-f]+)")
-	normalize := func(raw string) string {
-		raw = date.ReplaceAllString(raw, "")
-		if m := boundary.FindStringSubmatch(raw); m != nil {
-			raw = strings.ReplaceAll(raw, m[1], "BOUNDARY")
-		}
-		return raw
-	}
-	cases := []struct{ name, request string }{
-		{"whole file", "GET /big.bin HTTP/1.1\r\n"},
-		{"small file", "GET /small.bin HTTP/1.1\r\n"},
-		{"single range", "GET /big.bin HTTP/1.1\r\nRange: bytes=1000-99999\r\n"},
-		{"multiple ranges", "GET /big.bin HTTP/1.1\r\nRange: bytes=0-99,70000-80000,250000-\r\n"},
-		{"HEAD", "HEAD /big.bin HTTP/1.1\r\n"},
-		{"HEAD of a range", "HEAD /big.bin HTTP/1.1\r\nRange: bytes=5-9\r\n"},
-		{"not modified", "GET /small.bin HTTP/1.1\r\nIf-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT\r\n"},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			request := tc.request + "Host: test\r\nConnection: close\r\n\r\n"
-			want := normalize(rawExchange(t, bare.Listener.Addr().String(), request))
-			got := normalize(rawExchange(t, wrapped.Listener.Addr().String(), request))
-			if got != want {
-				t.Errorf("wrapped sent %d bytes, bare %d; they differ from byte %d:\nwrapped: %.300q\nbare:    %.300q",
-					len(got), len(want), firstDifference(got, want), got, want)
+		// Only the date and the random boundary of a multipart body may differ.
+		date := regexp.MustCompile("(?m)^Date: .*\r\n")
+		boundary := regexp.MustCompile("boundary=([0-9a-f]+)")
+		normalize := func(raw string) string {
+			raw = date.ReplaceAllString(raw, "")
+			if m := boundary.FindStringSubmatch(raw); m != nil {
+				raw = strings.ReplaceAll(raw, m[1], "BOUNDARY")
 			}
-		})
-	}
+			return raw
+		}
+		cases := []struct{ name, request string }{
+			{"whole file", "GET /big.bin HTTP/1.1\r\n"},
+			{"small file", "GET /small.bin HTTP/1.1\r\n"},
+			{"single range", "GET /big.bin HTTP/1.1\r\nRange: bytes=1000-99999\r\n"},
+			{"multiple ranges", "GET /big.bin HTTP/1.1\r\nRange: bytes=0-99,70000-80000,250000-\r\n"},
+			{"HEAD", "HEAD /big.bin HTTP/1.1\r\n"},
+			{"HEAD of a range", "HEAD /big.bin HTTP/1.1\r\nRange: bytes=5-9\r\n"},
+			{"not modified", "GET /small.bin HTTP/1.1\r\nIf-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT\r\n"},
+		}
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				request := tc.request + "Host: test\r\nConnection: close\r\n\r\n"
+				want := normalize(rawExchange(t, bare, request))
+				got := normalize(rawExchange(t, wrapped, request))
+				if got != want {
+					t.Errorf("wrapped sent %d bytes, bare %d; they differ from byte %d:\nwrapped: %.300q\nbare:    %.300q",
+						len(got), len(want), firstDifference(got, want), got, want)
+				}
+			})
+		}
+		if n, want := wrapped.wire.readFrom.Load(), bare.wire.readFrom.Load(); n != want || want < 300<<10 {
+			t.Errorf("%d bytes went through the connection's ReadFrom, %d without the wrapper; want the same, and most", n, want)
+		}
+	}, http1)
 }
 
 // firstDifference returns the index of the first byte where a and b differ.
@@ -1893,193 +2011,151 @@ func firstDifference(a, b string) int {
 	return n
 }
 
-// readFromListener counts the bytes that net/http hands to its connections'
-// ReadFrom: that is where the kernel's sendfile copies a file to the socket.
-type readFromListener struct {
-	net.Listener
-	n atomic.Int64
-}
-
-func (l *readFromListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	return &readFromConn{TCPConn: c.(*net.TCPConn), counter: l}, nil
-}
-
-type readFromConn struct {
-	*net.TCPConn
-	counter *readFromListener
-}
-
-func (c *readFromConn) ReadFrom(r io.Reader) (int64, error) {
-	n, err := c.TCPConn.ReadFrom(r)
-	c.counter.n.Add(n)
-	return n, err
-}
-
-func TestMuxFileServerThroughWrapperReachesSendfile(t *testing.T) {
-	const size = 300 << 10
-	dir := t.TempDir()
-	writeFile(t, dir, "big.bin", size)
-	files := http.FileServer(http.Dir(dir))
-	h, _ := wrap(t, files.ServeHTTP)
-	for _, tc := range []struct {
-		name    string
-		handler http.Handler
-	}{{"bare", files}, {"wrapped", h}} {
-		t.Run(tc.name, func(t *testing.T) {
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
+// httputil.ReverseProxy takes an upgraded connection (a WebSocket, say) over
+// with Hijack, and only then writes the 101 from w.Header(), where
+// middleware may have set headers of its own.
+func TestMuxReverseProxyUpgradeSendsTheHeadersMiddlewareSet(t *testing.T) {
+	run(t, func(t *testing.T, p proto) {
+		backend := serve(t, p, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			conn, brw, err := http.NewResponseController(w).Hijack()
 			if err != nil {
-				t.Fatal(err)
+				t.Error(err)
+				return
 			}
-			counter := &readFromListener{Listener: ln}
-			srv := httptest.NewUnstartedServer(tc.handler)
-			srv.Listener = counter
-			srv.Start()
-			defer srv.Close()
-			srv.Client().Timeout = failSafe
-
-			if body := get(t, srv.Client(), srv.URL+"/big.bin"); len(body) != size {
-				t.Fatalf("got %d bytes, want %d", len(body), size)
-			}
-			// net/http writes the first 512 bytes itself, to sniff the type.
-			if n := counter.n.Load(); n < size-512 {
-				t.Errorf("%d of %d bytes went through the connection's ReadFrom; want all but the first 512", n, size)
-			}
+			defer conn.Close()
+			brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\nX-Backend: 1\r\n\r\n")
+			brw.Flush()
+		}))
+		target, _ := url.Parse(backend.URL)
+		proxy := httputil.NewSingleHostReverseProxy(target)
+		h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Request-Id", "42") // middleware, say
+			w.Header().Set("Access-Control-Allow-Origin", "*")
+			proxy.ServeHTTP(w, r)
 		})
-	}
-}
-
-func TestMuxMaxBytesHandlerAnswersAStalledClientAtOnce(t *testing.T) {
-	ran := make(chan struct{})
-	inner := func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { close(ran); return nil })
-		if _, err := io.ReadAll(r.Body); err != nil {
-			http.Error(w, err.Error(), http.StatusRequestEntityTooLarge)
-		}
-	}
-	h, _ := wrap(t, http.MaxBytesHandler(http.HandlerFunc(inner), 1<<10).ServeHTTP)
-	srv := serve(t, h)
-
-	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(failSafe))
-	// The client declares far more than the limit, sends a little over it,
-	// and stalls.
-	io.WriteString(conn, "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 200000\r\n\r\n")
-	conn.Write(make([]byte, 2<<10))
-	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-	if err != nil {
-		t.Fatalf("no response while the client stalls: %v", err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusRequestEntityTooLarge || !resp.Close {
-		t.Errorf("got %s, Connection %q; want 413 and close", resp.Status, resp.Header.Get("Connection"))
-	}
-	await(t, ran, "the task")
-}
-
-func TestMuxUploadedFilesAreRemovedBeforeTasksStart(t *testing.T) {
-	dir := t.TempDir()
-	t.Setenv("TMPDIR", dir) // where mime/multipart keeps uploads too large for memory
-	files := func() int {
-		entries, err := os.ReadDir(dir)
-		if err != nil {
-			t.Error(err)
-		}
-		return len(entries)
-	}
-	inHandler, inTask := make(chan int, 1), make(chan int, 1)
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		if err := r.ParseMultipartForm(1 << 10); err != nil { // larger files go to disk
-			t.Error(err)
-		}
-		inHandler <- files()
-		addTask(r, func(context.Context) error { inTask <- files(); return nil })
-	})
-	srv := serve(t, h)
-
-	var body bytes.Buffer
-	form := multipart.NewWriter(&body)
-	part, _ := form.CreateFormFile("upload", "big.bin")
-	part.Write(make([]byte, 100<<10))
-	form.Close()
-	resp, err := srv.Client().Post(srv.URL, form.FormDataContentType(), &body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if n := await(t, inHandler, "the handler"); n != 1 {
-		t.Fatalf("the handler saw %d files in TMPDIR, want its upload", n)
-	}
-	if n := await(t, inTask, "the task"); n != 0 {
-		t.Errorf("the task saw %d files in TMPDIR; want the upload removed, as net/http does without the wrapper", n)
-	}
-}
-
-func TestMuxTooLargeResponseKeepsAnHTTP2Connection(t *testing.T) {
-	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-		http.Error(w, "too large", http.StatusRequestEntityTooLarge)
-	})
-	srv := httptest.NewUnstartedServer(h)
-	srv.EnableHTTP2 = true
-	srv.StartTLS()
-	defer srv.Close()
-	srv.Client().Timeout = failSafe
-
-	conns := 0
-	trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
-		if !info.Reused {
-			conns++
-		}
-	}}
-	for i := 0; i < 3; i++ {
-		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "GET", srv.URL, nil)
-		resp, err := srv.Client().Do(req)
+		conn := dial(t, serve(t, p, h))
+		io.WriteString(conn, "GET / HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if resp.ProtoMajor != 2 || resp.StatusCode != http.StatusRequestEntityTooLarge {
-			t.Fatalf("got %s %s, want HTTP/2 and 413", resp.Proto, resp.Status)
+		got := []string{resp.Status, resp.Header.Get("X-Request-Id"), resp.Header.Get("Access-Control-Allow-Origin"), resp.Header.Get("X-Backend")}
+		if want := []string{"101 Switching Protocols", "42", "*", "1"}; !slices.Equal(got, want) {
+			t.Errorf("the 101 on the wire has status, X-Request-Id, Access-Control-Allow-Origin and X-Backend %q; want %q", got, want)
 		}
-	}
-	if conns != 1 {
-		t.Errorf("three 413s over HTTP/2 took %d connections, want 1", conns)
-	}
+	}, http1)
+}
+
+func TestMuxMaxBytesHandlerAnswersAStalledClientAtOnce(t *testing.T) {
+	run(t, func(t *testing.T, p proto) {
+		ran := make(chan struct{})
+		inner := func(w http.ResponseWriter, r *http.Request) {
+			addTask(r, func(context.Context) error { close(ran); return nil })
+			if _, err := io.ReadAll(r.Body); err != nil {
+				http.Error(w, err.Error(), http.StatusRequestEntityTooLarge)
+			}
+		}
+		h, _ := wrap(t, http.MaxBytesHandler(http.HandlerFunc(inner), 1<<10).ServeHTTP)
+		conn := dial(t, serve(t, p, h))
+		// The client declares far more than the limit, sends a little over it,
+		// and stalls.
+		io.WriteString(conn, "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 200000\r\n\r\n")
+		conn.Write(make([]byte, 2<<10))
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatalf("no response while the client stalls: %v", err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusRequestEntityTooLarge || !resp.Close {
+			t.Errorf("got %s, Connection %q; want 413 and close", resp.Status, resp.Header.Get("Connection"))
+		}
+		await(t, ran, "the task")
+	}, http1)
+}
+
+func TestMuxUploadedFilesAreRemovedBeforeTasksStart(t *testing.T) {
+	run(t, func(t *testing.T, p proto) {
+		dir := t.TempDir()
+		t.Setenv("TMPDIR", dir) // where mime/multipart keeps uploads too large for memory
+		files := func() int {
+			entries, err := os.ReadDir(dir)
+			if err != nil {
+				t.Error(err)
+			}
+			return len(entries)
+		}
+		inHandler, inTask := make(chan int, 1), make(chan int, 1)
+		srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			if err := r.ParseMultipartForm(1 << 10); err != nil { // larger files go to disk
+				t.Error(err)
+			}
+			inHandler <- files()
+			addTask(r, func(context.Context) error { inTask <- files(); return nil })
+		})
+
+		var body bytes.Buffer
+		form := multipart.NewWriter(&body)
+		part, _ := form.CreateFormFile("upload", "big.bin")
+		part.Write(make([]byte, 100<<10))
+		form.Close()
+		req, _ := http.NewRequest("POST", srv.URL, &body)
+		req.Header.Set("Content-Type", form.FormDataContentType())
+		openRequest(t, srv.Client(), req)
+		if n := await(t, inHandler, "the handler"); n != 1 {
+			t.Fatalf("the handler saw %d files in TMPDIR, want its upload", n)
+		}
+		if n := await(t, inTask, "the task"); n != 0 {
+			t.Errorf("the task saw %d files in TMPDIR; want the upload removed, as net/http does without the wrapper", n)
+		}
+	})
+}
+
+func TestMuxTooLargeResponseKeepsAnHTTP2Connection(t *testing.T) {
+	run(t, func(t *testing.T, p proto) {
+		srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, "too large", http.StatusRequestEntityTooLarge)
+		})
+		conns := 0
+		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+			if !info.Reused {
+				conns++
+			}
+		}}
+		for range 3 {
+			req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "GET", srv.URL, nil)
+			if resp := openRequest(t, srv.Client(), req); resp.ProtoMajor != 2 || resp.StatusCode != http.StatusRequestEntityTooLarge {
+				t.Fatalf("got %s %s, want HTTP/2 and 413", resp.Proto, resp.Status)
+			}
+		}
+		if conns != 1 {
+			t.Errorf("three 413s over HTTP/2 took %d connections, want 1", conns)
+		}
+	}, http2)
 }
 
 func TestMuxMiddlewareOutsideWrapperSeesNoPattern(t *testing.T) {
-	type seen struct{ pattern, email string }
-	outside, inside := make(chan seen, 1), make(chan seen, 1)
-	record := func(ch chan seen, next http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			next.ServeHTTP(w, r)
-			ch <- seen{r.Pattern, r.PathValue("email")} // as logging middleware does
-		})
-	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /send-notification/{email}", func(w http.ResponseWriter, r *http.Request) {})
-	h, _ := wrap(t, record(inside, mux).ServeHTTP)
-	srv := serve(t, record(outside, h))
-	resp, err := srv.Client().Post(srv.URL+"/send-notification/ada@example.com", "", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	want := seen{"POST /send-notification/{email}", "ada@example.com"}
-	if got := await(t, inside, "the middleware inside"); got != want {
-		t.Errorf("middleware inside the wrapper saw %+v, want %+v", got, want)
-	}
-	if got := await(t, outside, "the middleware outside"); got != (seen{}) {
-		t.Errorf("middleware outside the wrapper saw %+v; the doc says it sees neither", got)
-	}
+	run(t, func(t *testing.T, p proto) {
+		type seen struct{ pattern, email string }
+		outside, inside := make(chan seen, 1), make(chan seen, 1)
+		record := func(ch chan seen, next http.Handler) http.Handler {
+			return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				next.ServeHTTP(w, r)
+				ch <- seen{r.Pattern, r.PathValue("email")} // as logging middleware does
+			})
+		}
+		mux := http.NewServeMux()
+		mux.HandleFunc("POST /send-notification/{email}", func(w http.ResponseWriter, r *http.Request) {})
+		h, _ := wrap(t, record(inside, mux).ServeHTTP)
+		srv := serve(t, p, record(outside, h))
+		do(t, srv.Client(), "POST", srv.URL+"/send-notification/ada@example.com")
+		want := seen{"POST /send-notification/{email}", "ada@example.com"}
+		if got := await(t, inside, "the middleware inside"); got != want {
+			t.Errorf("middleware inside the wrapper saw %+v, want %+v", got, want)
+		}
+		if got := await(t, outside, "the middleware outside"); got != (seen{}) {
+			t.Errorf("middleware outside the wrapper saw %+v; the doc says it sees neither", got)
+		}
+	})
 }
 
 // ===========================================================================
@@ -2100,20 +2176,20 @@ type response struct {
 }
 
 // fetch sends method to url and records everything the client sees.
-func fetch(t *testing.T, c *http.Client, method, url string) response {
+func fetch(t *testing.T, c *http.Client, method, target string) response {
 	t.Helper()
 	var got response
 	trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
 		got.Informational = append(got.Informational, fmt.Sprint(code, " ", h))
 		return nil
 	}}
-	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), method, url, nil)
+	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), method, target, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp, err := c.Do(req)
-	if err != nil {
-		got.Err = "no response: " + err.Error()
+	if urlErr := (*url.Error)(nil); errors.As(err, &urlErr) {
+		got.Err = "no response: " + urlErr.Err.Error() // without the URL, whose port differs
 		return got
 	}
 	defer resp.Body.Close()
@@ -2129,7 +2205,7 @@ func fetch(t *testing.T, c *http.Client, method, url string) response {
 }
 
 // compare fetches method url from both servers and reports any difference.
-func compare(t *testing.T, bare, wrapped *httptest.Server, method, path string) {
+func compare(t *testing.T, bare, wrapped *testServer, method, path string) {
 	t.Helper()
 	want := fetch(t, bare.Client(), method, bare.URL+path)
 	got := fetch(t, wrapped.Client(), method, wrapped.URL+path)
@@ -2243,19 +2319,24 @@ func TestTransparentResponseIsTheSameWithOrWithoutWrapper(t *testing.T) {
 			w.Header().Set("Content-Length", "100")
 			io.WriteString(w, "too short")
 		}},
+		{"/invalid-status", func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(1000) // net/http panics, in the handler
+			io.WriteString(w, "never sent")
+		}},
 	}
 	mux := http.NewServeMux()
 	for _, tc := range cases {
 		mux.Handle(tc.path, tc.handler)
 	}
-	bare := serve(t, mux)
-	h, _ := wrap(t, mux.ServeHTTP)
-	wrapped := serve(t, h)
-	for _, tc := range cases {
-		for _, method := range []string{"GET", "HEAD"} {
-			t.Run(method+tc.path, func(t *testing.T) { compare(t, bare, wrapped, method, tc.path) })
+	run(t, func(t *testing.T, p proto) {
+		h, _ := wrap(t, mux.ServeHTTP)
+		bare, wrapped := serve(t, p, mux), serve(t, p, h)
+		for _, tc := range cases {
+			for _, method := range []string{"GET", "HEAD"} {
+				t.Run(method+tc.path, func(t *testing.T) { compare(t, bare, wrapped, method, tc.path) })
+			}
 		}
-	}
+	})
 }
 
 // The differences from net/http alone that the package doc lists, each
@@ -2267,38 +2348,45 @@ func TestTransparentDocumentedDifferences(t *testing.T) {
 		name    string
 		handler http.HandlerFunc
 		differ  func(bare *response) // turns the bare response into the wrapped one
+		http1   bool                 // a difference over HTTP/1 only
 	}{
 		{"header changed after WriteHeader is sent while held back", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("X-Before", "1")
 			w.WriteHeader(http.StatusAccepted)
 			w.Header().Set("X-After", "2") // net/http alone ignores this
 			io.WriteString(w, "body")
-		}, func(bare *response) { bare.Header.Set("X-After", "2") }},
+		}, func(bare *response) { bare.Header.Set("X-After", "2") }, false},
 		{"prefixed trailer named before a held-back body is dropped", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set(http.TrailerPrefix+"X-Early", "abc")
 			w.Write(make([]byte, 4<<10)) // net/http alone streams it, chunked, from 2 KiB on
-		}, func(bare *response) { bare.Trailer = nil }},
+		}, func(bare *response) { bare.Trailer = nil }, true},
 		{"prefixed trailer named after a held-back body is dropped", func(w http.ResponseWriter, r *http.Request) {
 			w.Write(make([]byte, 4<<10))
 			w.Header().Set(http.TrailerPrefix+"X-Late", "xyz")
-		}, func(bare *response) { bare.Trailer = nil }},
+		}, func(bare *response) { bare.Trailer = nil }, true},
 	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			h, _ := wrap(t, tc.handler)
-			bare, wrapped := serve(t, tc.handler), serve(t, h)
-			gotBare := fetch(t, bare.Client(), "GET", bare.URL)
-			want := gotBare // a copy, for differ to change
-			want.Header, want.Trailer = gotBare.Header.Clone(), gotBare.Trailer.Clone()
-			tc.differ(&want)
-			if reflect.DeepEqual(want, gotBare) {
-				t.Fatalf("the expected difference changes nothing in net/http's own response, %s", summary(gotBare))
-			}
-			if got := fetch(t, wrapped.Client(), "GET", wrapped.URL); !reflect.DeepEqual(got, want) {
-				t.Errorf("wrapped: %s\nwant:    %s\nbare:    %s", summary(got), summary(want), summary(gotBare))
-			}
-		})
-	}
+	run(t, func(t *testing.T, p proto) {
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				h, _ := wrap(t, tc.handler)
+				bare, wrapped := serve(t, p, tc.handler), serve(t, p, h)
+				if tc.http1 && p != http1 {
+					compare(t, bare, wrapped, "GET", "/")
+					return
+				}
+				gotBare := fetch(t, bare.Client(), "GET", bare.URL)
+				want := gotBare // a copy, for differ to change
+				want.Header, want.Trailer = gotBare.Header.Clone(), gotBare.Trailer.Clone()
+				tc.differ(&want)
+				if reflect.DeepEqual(want, gotBare) {
+					t.Fatalf("the expected difference changes nothing in net/http's own response, %s", summary(gotBare))
+				}
+				if got := fetch(t, wrapped.Client(), "GET", wrapped.URL); !reflect.DeepEqual(got, want) {
+					t.Errorf("wrapped: %s\nwant:    %s\nbare:    %s", summary(got), summary(want), summary(gotBare))
+				}
+			})
+		}
+	})
 }
 
 // A HEAD response gets a Content-Length only if the handler sets one: net/http
@@ -2324,23 +2412,21 @@ func TestTransparentHeadGetsContentLengthOnlyIfHandlerSetsOne(t *testing.T) {
 			io.WriteString(w, "0123456789")
 		}, "10", "10"},
 	}
-	contentLength := func(t *testing.T, srv *httptest.Server) string {
-		resp, err := srv.Client().Head(srv.URL)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
+	contentLength := func(t *testing.T, srv *testServer) string {
+		resp, _ := do(t, srv.Client(), "HEAD", srv.URL)
 		return strings.Join(resp.Header["Content-Length"], ", ")
 	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			h, _ := wrap(t, tc.handler)
-			bare, wrapped := contentLength(t, serve(t, tc.handler)), contentLength(t, serve(t, h))
-			if bare != tc.bare || wrapped != tc.wrapped {
-				t.Errorf("HEAD responses have Content-Length %q bare and %q wrapped; want %q and %q", bare, wrapped, tc.bare, tc.wrapped)
-			}
-		})
-	}
+	run(t, func(t *testing.T, p proto) {
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				h, _ := wrap(t, tc.handler)
+				bare, wrapped := contentLength(t, serve(t, p, tc.handler)), contentLength(t, serve(t, p, h))
+				if bare != tc.bare || wrapped != tc.wrapped {
+					t.Errorf("HEAD responses have Content-Length %q bare and %q wrapped; want %q and %q", bare, wrapped, tc.bare, tc.wrapped)
+				}
+			})
+		}
+	})
 }
 
 // --- 12. FuzzTransparent ---
@@ -2413,20 +2499,23 @@ func FuzzTransparent(f *testing.F) {
 		{op(write, 48), op(set, 0)}, // an empty io.Copy, unlike an empty Write, commits no header
 	}
 	for _, s := range seeds {
-		f.Add(false, s)
-		f.Add(true, s)
+		for _, head := range []bool{false, true} {
+			f.Add(head, false, s)
+			f.Add(head, true, s)
+		}
 	}
-	handler := func(w http.ResponseWriter, r *http.Request) {
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ops, _ := hex.DecodeString(r.URL.Query().Get("ops"))
 		runOps(w, ops)
-	}
-	// net/http rightly complains of the odd sequences: keep that quiet.
-	bare := serveLogging(f, http.HandlerFunc(handler), io.Discard)
-	h := background.NewHandler(http.HandlerFunc(handler))
+	})
+	h := background.NewHandler(handler)
 	h.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-	wrapped := serveLogging(f, h, io.Discard)
+	servers := map[bool][2]*testServer{} // bare and wrapped, by whether they speak HTTP/2
+	for _, p := range []proto{http1, http2} {
+		servers[p == http2] = [2]*testServer{serve(f, p, handler), serve(f, p, h)}
+	}
 
-	f.Fuzz(func(t *testing.T, head bool, ops []byte) {
+	f.Fuzz(func(t *testing.T, head, h2 bool, ops []byte) {
 		if len(ops) > 32 {
 			t.Skip("long sequences add nothing but time")
 		}
@@ -2434,6 +2523,7 @@ func FuzzTransparent(f *testing.F) {
 		if head {
 			method = "HEAD"
 		}
+		bare, wrapped := servers[h2][0], servers[h2][1]
 		compare(t, bare, wrapped, method, "/?ops="+hex.EncodeToString(ops))
 		// A response that broke its own framing (more bytes than its
 		// Content-Length, which net/http's sendfile path lets through) must
@@ -2715,64 +2805,3 @@ func readResponse(br *bufio.Reader) error {
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-
-// BenchmarkFileServer downloads a 50 MB file from http.FileServer over a
-// keep-alive connection on 127.0.0.1, bare and wrapped. The client is a raw
-// connection, so that the server's cost shows; MB/s and B/op are per file.
-// The wrapper's writer is an io.ReaderFrom, so both go out through sendfile,
-// and the client shares the cores with the server: expect the same MB/s
-// within the noise, and B/op within a few KB.
-func BenchmarkFileServer(b *testing.B) {
-	const size = 50 << 20
-	dir := b.TempDir()
-	f, err := os.Create(filepath.Join(dir, "big"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	chunk := bytes.Repeat([]byte("0123456789abcdef"), 64<<10) // 1 MiB
-	for n := 0; n < size; n += len(chunk) {
-		if _, err := f.Write(chunk); err != nil {
-			b.Fatal(err)
-		}
-	}
-	if err := f.Close(); err != nil {
-		b.Fatal(err)
-	}
-	files := http.FileServer(http.Dir(dir))
-	b.Run("bare", func(b *testing.B) { benchmarkDownload(b, files, "/big", size) })
-	b.Run("wrapped", func(b *testing.B) {
-		h := background.NewHandler(files)
-		benchmarkDownload(b, h, "/big", size)
-		h.Shutdown(context.Background())
-	})
-}
-
-// benchmarkDownload GETs path from h b.N times over one keep-alive
-// connection, and checks that each response has size bytes.
-func benchmarkDownload(b *testing.B, h http.Handler, path string, size int64) {
-	conn, err := net.Dial("tcp", listenLoopback(b, h))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(failSafe + time.Duration(b.N)*time.Second))
-	br := bufio.NewReader(conn)
-	req, _ := http.NewRequest("GET", path, nil)
-	b.SetBytes(size)
-	b.ReportAllocs()
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		if err := req.Write(conn); err != nil {
-			b.Fatal(err)
-		}
-		resp, err := http.ReadResponse(br, req)
-		if err != nil {
-			b.Fatal(err)
-		}
-		n, err := io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if err != nil || n != size {
-			b.Fatalf("read %d of %d bytes: %v", n, size, err)
-		}
-	}
-}
