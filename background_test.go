@@ -2389,6 +2389,46 @@ func TestTransparentDocumentedDifferences(t *testing.T) {
 	})
 }
 
+// Over HTTP/1, net/http logs a second WriteHeader; the wrapper, which keeps
+// the first status as net/http does, logs nothing.
+func TestTransparentSecondWriteHeaderIsNotLogged(t *testing.T) {
+	run(t, func(t *testing.T, p proto) {
+		handler := func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(http.StatusAccepted)
+			w.WriteHeader(http.StatusTeapot)
+		}
+		h, _ := wrap(t, handler)
+		bare, wrapped := serve(t, p, http.HandlerFunc(handler)), serve(t, p, h)
+		if resp, _ := do(t, wrapped.Client(), "GET", wrapped.URL); resp.StatusCode != http.StatusAccepted {
+			t.Errorf("wrapped status %s, want the first one, 202", resp.Status)
+		}
+		do(t, bare.Client(), "GET", bare.URL)
+		if !bare.errorLog.waitFor("superfluous") || wrapped.errorLog.String() != "" {
+			t.Errorf("net/http logged %q bare and %q wrapped; want its superfluous line bare only", bare.errorLog, wrapped.errorLog)
+		}
+	}, http1)
+}
+
+// A request that says "Expect: 100-continue", to a handler that writes its
+// reply before it reads the body: net/http sends no 100 Continue once the
+// reply is written, but the wrapper still holds the reply back.
+func TestTransparentExpectContinueIsAnsweredThoughTheReplyIsWritten(t *testing.T) {
+	run(t, func(t *testing.T, p proto) {
+		handler := func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "written before the body is read")
+			io.Copy(io.Discard, r.Body)
+		}
+		h, _ := wrap(t, handler)
+		request := "POST / HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbody"
+		bare := rawExchange(t, serve(t, p, http.HandlerFunc(handler)), request)
+		wrapped := rawExchange(t, serve(t, p, h), request)
+		const continued = "HTTP/1.1 100 Continue\r\n\r\n"
+		if strings.HasPrefix(bare, continued) || !strings.HasPrefix(wrapped, continued) {
+			t.Errorf("bare sent %.40q..., wrapped %.40q...; want a 100 Continue from the wrapped server only", bare, wrapped)
+		}
+	}, http1)
+}
+
 // A HEAD response gets a Content-Length only if the handler sets one: net/http
 // computes one when the handler writes a small body, the wrapper does not. A
 // handler may also skip the body of a HEAD response, which does not make the
