@@ -74,11 +74,11 @@ import (
 // task starts. It implements http.Flusher and io.ReaderFrom (through which
 // http.FileServer still uses sendfile), http.Hijacker only if the server's
 // writer does (over HTTP/1, not HTTP/2), and unwraps to the server's writer
-// for http.ResponseController. Each response
-// gets a writer of its own, cut off once the handler has returned: if a task
-// kept it by mistake, Header returns a map that nothing sends, Write returns
-// an error, and WriteHeader and Flush do nothing. The temporary files of a
-// multipart form that the handler parsed are removed then too.
+// for http.ResponseController. Each response gets a writer of its own, cut
+// off once the handler has returned: if a task kept it by mistake, Header
+// returns a map that nothing sends, Write returns an error, and WriteHeader
+// and Flush do nothing. The temporary files of a multipart form that the
+// handler parsed are removed then too.
 type Handler struct {
 	// Logger receives a line for each failed, panicking or dropped task.
 	// If nil, slog.Default() at the moment of logging is used.
@@ -121,8 +121,8 @@ type queue struct {
 	drains       int64  // h.drains as the request arrived
 
 	tasks []queuedTask // waiting to run, in order
-	// The handler returned, and the tasks may start; or it panicked, and they
-	// are dropped. While running, a goroutine runs them and those added.
+	// Either the handler returned, and the tasks may start, or it panicked,
+	// and they are dropped. running: a goroutine runs them, and any added.
 	returned, panicked, running bool
 }
 
@@ -142,13 +142,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	hw := &holdingWriter{out: w, req: r, buffers: &h.buffers}
 	var out http.ResponseWriter = hw
 	if _, ok := w.(http.Hijacker); ok {
-		out = hijackingWriter{hw}
+		out = hijackingWriter{hw} // hw, but a Hijacker too, as w is (over HTTP/1, not HTTP/2)
 	}
 	r2 := r.WithContext(context.WithValue(r.Context(), tasksKey{}, q))
 	// A request's life has four steps. Steps 3 and 4 are deferred, so that
 	// they happen even if the handler panics, which skips step 2.
 	defer h.release(q, hw, r2)
-	h.next.ServeHTTP(out, r2) // 1. Serve into hw (out), which holds the response back.
+	h.next.ServeHTTP(out, r2) // 1. Serve into hw, which holds the response back.
 	hw.finish()               // 2. Send the whole response, with a Content-Length, and flush it.
 }
 
