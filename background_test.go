@@ -202,9 +202,10 @@ func protocols(ps ...proto) *http.Protocols {
 	return set
 }
 
-// wireLog records the first MiB that a server writes to its connections.
-// What goes out through a connection's ReadFrom, which is where net/http
-// hands a file to the kernel's sendfile, it counts instead.
+// wireLog records the first MiB that a server writes to its connections:
+// more than any test looks at, and a bound for the fuzzer's long runs. What
+// goes out through a connection's ReadFrom, which is where net/http hands a
+// file to the kernel's sendfile, it counts instead.
 type wireLog struct {
 	net.Listener
 	mu       sync.Mutex
