@@ -60,7 +60,6 @@ import (
 	"net/http"
 	"runtime/debug"
 	"sync"
-	"sync/atomic"
 )
 
 // Handler is an http.Handler that serves requests with the handler it wraps,
@@ -84,51 +83,46 @@ type Handler struct {
 	// If nil, slog.Default() at the moment of logging is used.
 	Logger *slog.Logger
 
+	// MaxPending limits the tasks pending (added, not yet finished or
+	// dropped); zero means no limit. At the limit, a new request gets 503
+	// Service Unavailable and "Retry-After: 1" before its handler runs, so it
+	// is not acknowledged; one being served may still add tasks past it.
+	MaxPending int
+
 	next    http.Handler
 	buffers sync.Pool               // of *bytes.Buffer, for the held-back bodies
 	ctx     context.Context         // the cancellation every task sees
 	cancel  context.CancelCauseFunc // ends ctx, when a Shutdown gives up
 
-	// mu guards these counts and every queue's tasks and state: a task's
+	// mu guards these fields and every queue's tasks and state: a task's
 	// start and end change both together.
-	mu               sync.Mutex
-	pending, running int           // tasks added and not yet finished or dropped; those of them running now
-	drained          chan struct{} // closed when pending drops to 0; nil unless a Shutdown waits
-
-	// drains counts the times drained was closed, which is when a Shutdown
-	// returns nil. Each request notes it as it arrives, so that Add can tell
-	// that a Shutdown returned meanwhile, without waiting for the new task.
-	// It is atomic so that ServeHTTP need not take mu for every request.
-	drains atomic.Int64
+	mu       sync.Mutex
+	drained  chan struct{} // closed when pending drops to 0; nil unless a Shutdown waits
+	refusing bool          // since a 503 was logged: one line per burst of them
+	// pending counts the tasks added and not yet finished or dropped; drains,
+	// the times drained was closed, which is when a Shutdown returns nil.
+	pending, drains int
 }
 
-// NewHandler returns a Handler that serves requests with next and runs the
+// NewHandler returns a Handler that serves requests with next, or with
+// http.DefaultServeMux if next is nil, as http.Server does, and runs the
 // tasks they add.
 func NewHandler(next http.Handler) *Handler {
-	if next == nil {
-		panic("background: NewHandler called with a nil handler")
-	}
-	h := &Handler{next: next, buffers: sync.Pool{New: func() any { return new(bytes.Buffer) }}}
-	h.ctx, h.cancel = context.WithCancelCause(context.Background())
-	return h
+	ctx, cancel := context.WithCancelCause(context.Background())
+	next = cmp.Or(next, http.Handler(http.DefaultServeMux))
+	return &Handler{next: next, ctx: ctx, cancel: cancel, buffers: sync.Pool{New: func() any { return new(bytes.Buffer) }}}
 }
 
-// queue is one request's tasks. Its first three fields never change; h.mu
-// guards the others.
+// queue is one request's tasks. h.mu guards all but its first two fields.
 type queue struct {
 	h            *Handler
 	method, path string // for log lines
-	drains       int64  // h.drains as the request arrived
 
-	tasks []queuedTask // waiting to run, in order
+	tasks []func() error // waiting to run, in order, each with its ctx
 	// Either the handler returned, and the tasks may start, or it panicked,
 	// and they are dropped. running: a goroutine runs them, and any added.
 	returned, panicked, running bool
-}
-
-type queuedTask struct {
-	run func(context.Context) error
-	ctx *taskContext
+	drains                      int // h.drains as the request arrived
 }
 
 // tasksKey is the context key under which a Handler stores a request's queue.
@@ -138,7 +132,12 @@ type tasksKey struct{}
 // then starts the request's tasks in a goroutine of their own. If the handler
 // panics, its tasks are dropped and the panic goes on up to net/http.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	q := &queue{h: h, method: r.Method, path: r.URL.Path, drains: h.drains.Load()}
+	q := &queue{h: h, method: r.Method, path: r.URL.Path}
+	if h.arrive(q) { // MaxPending tasks are pending: refuse, before the handler runs
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "Service Unavailable: too many background tasks pending", http.StatusServiceUnavailable)
+		return
+	}
 	hw := &holdingWriter{out: w, req: r, buffers: &h.buffers}
 	var out http.ResponseWriter = hw
 	if _, ok := w.(http.Hijacker); ok {
@@ -150,6 +149,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer h.release(q, hw, r2)
 	h.next.ServeHTTP(out, r2) // 1. Serve into hw, which holds the response back.
 	hw.finish()               // 2. Send the whole response, with a Content-Length, and flush it.
+}
+
+// arrive notes in q the Shutdowns that have returned so far, and reports
+// whether MaxPending tasks are pending. A burst of refusals gets one log line:
+// it lasts until a request finds half as many pending, or fewer.
+func (h *Handler) arrive(q *queue) (full bool) {
+	h.mu.Lock()
+	q.drains = h.drains
+	full, refusing := h.MaxPending > 0 && h.pending >= h.MaxPending, h.refusing
+	h.refusing = full || refusing && 2*h.pending > h.MaxPending
+	h.mu.Unlock()
+	if full && !refusing {
+		h.logger().Warn("background: MaxPending tasks pending; refusing requests with 503", "max", h.MaxPending)
+	}
+	return full
 }
 
 // release ends the handler's part in a request, once it has returned or
@@ -164,18 +178,16 @@ func (h *Handler) release(q *queue, hw *holdingWriter, r *http.Request) {
 	// 4. Start the tasks in a goroutine of their own, or drop them if the
 	// handler panicked: it did not finish what it set out to do.
 	h.mu.Lock()
-	if hw.finished { // the handler returned, and step 2 ran
-		q.returned = true
-		h.startLocked(q)
-		h.mu.Unlock()
-		return
+	q.returned, q.panicked = hw.finished, !hw.finished // step 2 ran only if the handler returned
+	dropped, gaveUp := 0, h.ctx.Err() != nil           // if a Shutdown gave up, its line counted them
+	if q.panicked {
+		dropped, q.tasks = len(q.tasks), nil
 	}
-	dropped, gaveUp := len(q.tasks), h.ctx.Err() != nil // if a Shutdown gave up, its line counted them
-	q.tasks, q.panicked = nil, true
 	h.doneLocked(dropped)
+	h.startLocked(q)
 	h.mu.Unlock()
 	if dropped > 0 && !gaveUp {
-		h.logDropped(q, dropped, "the handler panicked")
+		h.logger().Warn("background: tasks dropped", "count", dropped, "reason", "the handler panicked", "method", q.method, "path", q.path)
 	}
 }
 
@@ -221,26 +233,25 @@ func (t *Tasks) Add(task func(ctx context.Context) error) {
 	}
 	q, h := t.q, t.q.h
 	h.mu.Lock()
-	gaveUp, panicked, unwaited := h.ctx.Err() != nil, q.panicked, q.drains != h.drains.Load()
+	gaveUp, panicked, unwaited := h.ctx.Err() != nil, q.panicked, q.drains != h.drains
 	if !gaveUp && !panicked {
-		q.tasks = append(q.tasks, queuedTask{run: task, ctx: &t.ctx})
+		q.tasks = append(q.tasks, func() error { return task(&t.ctx) })
 		h.pending++
 		h.startLocked(q)
 	}
 	h.mu.Unlock()
 	if gaveUp {
-		h.logDropped(q, 1, "Shutdown's deadline has passed")
+		h.logger().Warn("background: tasks dropped", "count", 1, "reason", "Shutdown's deadline has passed", "method", q.method, "path", q.path)
 	} else if panicked {
-		h.logDropped(q, 1, "the handler panicked")
+		h.logger().Warn("background: tasks dropped", "count", 1, "reason", "the handler panicked", "method", q.method, "path", q.path)
 	} else if unwaited { // a Shutdown returned since the request arrived, without waiting for task
 		h.logger().Warn("background: task added after Shutdown returned; it runs unwaited", "method", q.method, "path", q.path)
 	}
 }
 
-// startLocked starts a goroutine to run q's tasks, if it has some and nothing
-// runs them yet. h.mu must be held. The goroutine keeps the connection free:
-// net/http reads a keep-alive connection's next request only after ServeHTTP
-// has returned.
+// startLocked starts a goroutine to run q's tasks, if there are some and none
+// runs yet; h.mu must be held. It keeps the connection free: net/http reads a
+// keep-alive connection's next request only once ServeHTTP has returned.
 func (h *Handler) startLocked(q *queue) {
 	if q.returned && !q.running && len(q.tasks) > 0 {
 		q.running = true
@@ -253,13 +264,11 @@ func (h *Handler) startLocked(q *queue) {
 func (h *Handler) run(q *queue) {
 	h.mu.Lock()
 	for len(q.tasks) > 0 && h.ctx.Err() == nil {
-		t := q.tasks[0]
+		task := q.tasks[0]
 		q.tasks = q.tasks[1:]
-		h.running++
 		h.mu.Unlock()
-		h.runTask(q, t)
+		h.runTask(q, task)
 		h.mu.Lock()
-		h.running--
 		h.doneLocked(1)
 	}
 	h.doneLocked(len(q.tasks)) // left by a Shutdown that gave up, and counted them
@@ -267,17 +276,17 @@ func (h *Handler) run(q *queue) {
 	h.mu.Unlock()
 }
 
-// runTask runs t and logs its error or panic. A panic must be recovered here:
-// in a goroutine we started, nothing else would, and it would end the process.
+// runTask runs task and logs its error or panic. A panic must be recovered
+// here: in a goroutine we started, nothing else would, and it would end the process.
 // A task that returns context.Canceled, wrapped or not, once Shutdown has
 // canceled its ctx is not logged: that Shutdown's line has counted it.
-func (h *Handler) runTask(q *queue, t queuedTask) {
+func (h *Handler) runTask(q *queue, task func() error) {
 	defer func() {
 		if v := recover(); v != nil {
 			h.logger().Error("background: task panicked", "method", q.method, "path", q.path, "panic", v, "stack", string(debug.Stack()))
 		}
 	}()
-	if err := t.run(t.ctx); err != nil && !(errors.Is(err, context.Canceled) && t.ctx.Err() != nil) {
+	if err := task(); err != nil && !(errors.Is(err, context.Canceled) && h.ctx.Err() != nil) {
 		h.logger().Error("background: task failed", "method", q.method, "path", q.path, "err", err)
 	}
 }
@@ -287,14 +296,10 @@ func (h *Handler) runTask(q *queue, t queuedTask) {
 func (h *Handler) doneLocked(n int) {
 	h.pending -= n
 	if h.pending == 0 && h.drained != nil {
-		h.drains.Add(1)
+		h.drains++
 		close(h.drained)
 		h.drained = nil
 	}
-}
-
-func (h *Handler) logDropped(q *queue, n int, reason string) {
-	h.logger().Warn("background: tasks dropped", "count", n, "reason", reason, "method", q.method, "path", q.path)
 }
 
 func (h *Handler) logger() *slog.Logger { return cmp.Or(h.Logger, slog.Default()) }
@@ -302,7 +307,7 @@ func (h *Handler) logger() *slog.Logger { return cmp.Or(h.Logger, slog.Default()
 // Shutdown waits for every queued and running task, including those that
 // requests in flight add meanwhile, and returns nil once none is left. If ctx
 // ends first, Shutdown gives up: it cancels the running tasks' ctx, drops the
-// queued tasks, logs one line that counts both, and returns ctx.Err(). A
+// queued tasks, logs one line that counts them, and returns ctx.Err(). A
 // running task then sees its ctx.Err() become context.Canceled; if it returns
 // that error, wrapped or not, it is not logged again. From then on, every
 // task added is dropped with a log line, and every Shutdown returns that
@@ -336,9 +341,9 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 		return context.Cause(h.ctx)
 	}
 	h.cancel(ctx.Err())
-	dropped, running := h.pending-h.running, h.running
+	unfinished := h.pending
 	h.mu.Unlock()
-	h.logger().Error("background: shutdown deadline passed; running tasks canceled, queued ones dropped", "dropped", dropped, "running", running)
+	h.logger().Error("background: shutdown deadline passed; running tasks canceled, queued ones dropped", "count", unfinished)
 	return context.Cause(h.ctx)
 }
 

@@ -55,15 +55,16 @@ import (
 //  6. TestPanic…       a handler that panics runs no tasks, and sends nothing
 //  7. TestAdd…         misuse panics clearly; a late Add still runs
 //  8. TestShutdown…    waits, gives up, and loses nothing without a log line
-//  9. TestWriter…      the handler's w: cut off once it returns, Hijack, Flush
-// 10. TestMux…         around a real mux: files, proxies, limits, uploads
+//  9. TestLimit…       at MaxPending, 503 before the handler runs; nothing dropped
+// 10. TestWriter…      the handler's w: cut off once it returns, Hijack, Flush
+// 11. TestMux…         around a real mux: files, proxies, limits, uploads
 //
 // A first reading can stop there. After a comment that says so come:
 //
-// 11. TestTransparent… the same response as without the wrapper, but for
+// 12. TestTransparent… the same response as without the wrapper, but for
 //                      the differences the package doc lists
-// 12. FuzzTransparent  the same comparison, for handlers the fuzzer writes
-// 13. Benchmark…       what the wrapper costs; CI runs each once, to keep
+// 13. FuzzTransparent  the same comparison, for handlers the fuzzer writes
+// 14. Benchmark…       what the wrapper costs; CI runs each once, to keep
 //                      them working
 
 // --- Helpers ---
@@ -1376,7 +1377,6 @@ func TestAddMisusePanicsSayingWhat(t *testing.T) {
 		{"zero Tasks", func(http.ResponseWriter, *http.Request) { new(background.Tasks).Add(noop) }, "NewHandler"},
 		{"FromContext outside the wrapper", func(w http.ResponseWriter, r *http.Request) { addTask(r, noop) }, "NewHandler"},
 		{"nil task", nilTask.ServeHTTP, "nil task"},
-		{"NewHandler(nil)", func(http.ResponseWriter, *http.Request) { background.NewHandler(nil) }, "nil handler"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1480,8 +1480,8 @@ func TestShutdownDeadlineCancelsRunningAndDropsQueued(t *testing.T) {
 			t.Errorf("Shutdown past its deadline = %v, want context.Canceled", err)
 		}
 		await(t, taskCtx.Done(), "the running task's context to be canceled")
-		if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["dropped"] != 1.0 {
-			t.Errorf("Shutdown logged %v; want a record of 1 dropped task", rec)
+		if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["count"] != 2.0 {
+			t.Errorf("Shutdown logged %v; want a record of its 2 tasks, 1 running and 1 queued", rec)
 		}
 
 		g.open()
@@ -1628,7 +1628,7 @@ func TestShutdownSumsUpTheCancellationsItCausesInOneLine(t *testing.T) {
 			t.Errorf("Shutdown canceled %d tasks, and the log had %d lines:\n%s\nwant:\n%s",
 				requests+1, len(msgs), strings.Join(msgs[:min(len(msgs), 10)], "\n"), strings.Join(want, "\n"))
 		}
-		if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["running"] != float64(requests+1) {
+		if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["count"] != float64(requests+1) {
 			t.Errorf("Shutdown's line is %v; want it to count %d running tasks", rec, requests+1)
 		}
 	})
@@ -1710,25 +1710,73 @@ func TestShutdownRacingRequestsDropsNoTaskWithoutALogLine(t *testing.T) {
 		srv.Close()
 		shutdown(t, h) // the tasks that were running when the deadline passed
 
-		dropped := 0
+		// A task that was running when Shutdown gave up both ran and is
+		// counted in its line; one that never ran must be counted there, or
+		// in a line of dropped tasks.
+		counted := 0
 		for _, rec := range logs.records(t) {
 			switch rec["msg"] {
-			case "background: tasks dropped":
-				dropped += int(rec["count"].(float64))
-			case "background: shutdown deadline passed; running tasks canceled, queued ones dropped":
-				dropped += int(rec["dropped"].(float64))
+			case "background: tasks dropped", "background: shutdown deadline passed; running tasks canceled, queued ones dropped":
+				counted += int(rec["count"].(float64))
 			}
 		}
 		if logs.find(t, "shutdown deadline passed") == nil {
 			t.Error("Shutdown did not give up, though a task was running")
 		}
-		if a, r := int(added.Load()), int(ran.Load()); a != r+dropped {
-			t.Errorf("%d tasks added, %d ran and %d were logged as dropped: %d lost without a word", a, r, dropped, a-r-dropped)
+		if a, r := int(added.Load()), int(ran.Load()); a > r+counted {
+			t.Errorf("%d tasks added, %d ran and %d were counted in log lines: %d lost without a word", a, r, counted, a-r-counted)
 		}
 	})
 }
 
-// --- 9. TestWriter…: the handler's w ---
+// --- 9. TestLimit…: MaxPending ---
+
+func TestLimitRefusesWith503AndRetryAfterDropsNothingAndAcceptsAgain(t *testing.T) {
+	run(t, func(t *testing.T, p proto) {
+		const limit = 2
+		g := newGate()
+		defer g.open()
+		var served, finished atomic.Int32
+		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+			served.Add(1)
+			addTask(r, func(ctx context.Context) error {
+				defer finished.Add(1)
+				return g.task(ctx)
+			})
+			io.WriteString(w, "queued")
+		})
+		h.MaxPending = limit
+
+		for range limit {
+			get(t, srv.Client(), srv.URL)
+			await(t, g.started, "a task to start")
+		}
+		for range 3 {
+			resp, body := do(t, srv.Client(), "GET", srv.URL)
+			if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") != "1" {
+				t.Errorf("at the limit: %s with Retry-After %q, %q; want 503 with Retry-After 1", resp.Status, resp.Header.Get("Retry-After"), body)
+			}
+		}
+		if n := served.Load(); n != limit {
+			t.Errorf("the handler ran for %d requests; want %d, none of them refused", n, limit)
+		}
+		if n := strings.Count(logs.String(), "MaxPending"); n != 1 {
+			t.Errorf("%d log lines for one burst of refusals; want 1:\n%s", n, logs)
+		}
+
+		g.open()
+		shutdown(t, h) // the backlog drains
+		if body := get(t, srv.Client(), srv.URL); body != "queued" {
+			t.Errorf("once the backlog drained, got %q; want the handler's reply", body)
+		}
+		shutdown(t, h)
+		if n := finished.Load(); n != limit+1 {
+			t.Errorf("%d tasks finished; want %d, one for each accepted request", n, limit+1)
+		}
+	})
+}
+
+// --- 10. TestWriter…: the handler's w ---
 
 func TestWriterKeptByTaskReachesNoOtherResponse(t *testing.T) {
 	run(t, func(t *testing.T, p proto) {
@@ -1940,7 +1988,15 @@ func TestWriterCopyReportsBytesCopiedAndNoError(t *testing.T) {
 	})
 }
 
-// --- 10. TestMux…: safe around a whole mux ---
+// --- 11. TestMux…: safe around a whole mux ---
+
+func TestMuxNilMeansDefaultServeMuxAsForHTTPServer(t *testing.T) {
+	rec := httptest.NewRecorder()
+	background.NewHandler(nil).ServeHTTP(rec, httptest.NewRequest("GET", "/no-such-path", nil))
+	if rec.Code != http.StatusNotFound || rec.Body.String() != "404 page not found\n" {
+		t.Errorf("NewHandler(nil) answered %d %q; want http.DefaultServeMux's 404", rec.Code, rec.Body)
+	}
+}
 
 // writeFile writes size bytes that no two nearby ranges share to a file
 // named name in dir.
@@ -2164,7 +2220,7 @@ func TestMuxMiddlewareOutsideWrapperSeesNoPattern(t *testing.T) {
 // net/http alone, by hand (11) and by fuzzing (12), and measures it (13).
 // ===========================================================================
 
-// --- 11. TestTransparent…: the same response as without the wrapper ---
+// --- 12. TestTransparent…: the same response as without the wrapper ---
 
 // response is what a client saw of one response.
 type response struct {
@@ -2470,7 +2526,7 @@ func TestTransparentHeadGetsContentLengthOnlyIfHandlerSetsOne(t *testing.T) {
 	})
 }
 
-// --- 12. FuzzTransparent ---
+// --- 13. FuzzTransparent ---
 
 // runOps plays ops as a handler's calls on w. Each byte is one call: its low
 // two bits choose which, the rest its argument.
@@ -2574,7 +2630,7 @@ func FuzzTransparent(f *testing.F) {
 	})
 }
 
-// --- 13. Benchmarks ---
+// --- 14. Benchmarks ---
 
 // discardWriter is a minimal http.ResponseWriter, so that benchmarks measure
 // the handlers rather than a recorder.

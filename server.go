@@ -67,9 +67,8 @@ func (w *holdingWriter) WriteHeader(code int) {
 		// (Over HTTP/2, this would close the other streams' connection.)
 		h.Set("Connection", "close")
 	}
-	framed := h["Content-Length"] != nil || h["Transfer-Encoding"] != nil || h["Trailer"] != nil
-	bodyless := code == http.StatusSwitchingProtocols || code == http.StatusNoContent || code == http.StatusNotModified
-	if framed || bodyless || w.req.Method == http.MethodHead {
+	bodyless := code == http.StatusSwitchingProtocols || code == http.StatusNoContent || code == http.StatusNotModified || w.req.Method == http.MethodHead
+	if bodyless || h["Content-Length"] != nil || h["Transfer-Encoding"] != nil || h["Trailer"] != nil { // or framed by the handler
 		w.sent = true
 		w.out.WriteHeader(code)
 	}
