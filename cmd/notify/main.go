@@ -6,8 +6,10 @@
 //	curl -X POST http://127.0.0.1:8000/send-notification/test@example.com
 //
 // Run it with -delay 2s to see that the client does not wait for the task;
-// -h lists the flags. On SIGINT or SIGTERM it stops taking requests, runs the
-// tasks already queued, and exits 0 if they all finished in time.
+// -h lists the flags. With -max-pending tasks pending, it answers 503. On
+// SIGINT, SIGTERM or SIGHUP it stops taking requests, runs the tasks already
+// queued, and exits 0 if each wrote its line in time; otherwise its last line
+// counts those that did not, and it exits 1. A second signal ends the wait.
 package main
 
 import (
@@ -17,12 +19,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/mail"
 	"os"
 	"os/signal"
-	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unicode"
@@ -41,6 +44,7 @@ func sendNotification(logFile *notificationLog, delay time.Duration) http.Handle
 			return
 		}
 		line := "Notification sent to: " + email
+		logFile.queued.Add(1)
 		background.FromContext(r.Context()).Add(func(ctx context.Context) error {
 			if err := sleep(ctx, delay); err != nil {
 				return err
@@ -51,32 +55,44 @@ func sendNotification(logFile *notificationLog, delay time.Duration) http.Handle
 	}
 }
 
-// notificationLog appends lines to a file and echoes each to stdout.
+// notificationLog appends lines to a file and shows each on a console. It
+// counts the lines queued, so that shutdown can say how many were lost.
 type notificationLog struct {
-	path   string
-	stdout io.Writer
+	file *os.File // opened once, with O_APPEND
+	echo *console
 
-	mu sync.Mutex // serializes appends, so that concurrent tasks write whole lines
+	queued, written, failed atomic.Int64
 }
 
-// append adds line to the file. The file is opened for each line, as the
-// tutorial's write_log does, so that it may be moved or deleted meanwhile.
+// openLog opens the log file once, at startup, unlike the tutorial's
+// write_log, which opens it for each line. So a path that cannot be written
+// stops the program before it takes a request, and a task needs no file
+// descriptor of its own, which a flood of connections may have used up.
+func openLog(path string, echo *console) (*notificationLog, error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("cannot open the log file: %w", err)
+	}
+	return &notificationLog{file: f, echo: echo}, nil
+}
+
+// append adds line to the file in a single Write, which os.File makes whole
+// even with other tasks writing, and O_APPEND puts at the end of the file: no
+// lock of ours, so no task waits on another's write or echo.
 func (l *notificationLog) append(line string) error {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
-	if err != nil {
+	if _, err := l.file.WriteString(line + "\n"); err != nil {
+		l.failed.Add(1)
 		return err
 	}
-	_, err = f.WriteString(line + "\n")
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	fmt.Fprintln(l.stdout, "Log written:", line)
+	l.written.Add(1)
+	l.echo.print("Log written: " + line)
 	return nil
+}
+
+// unfinished returns how many queued lines were neither written nor failed.
+func (l *notificationLog) unfinished() int64 {
+	done := l.written.Load() + l.failed.Load()
+	return l.queued.Load() - done // loaded last, as a line is queued before it is done
 }
 
 // checkEmail accepts a bare address such as ada@example.com and nothing
@@ -126,14 +142,19 @@ func sleep(ctx context.Context, d time.Duration) error {
 	}
 }
 
-// The rest is the server around the endpoint: flags, routes, timeouts, and
-// the two-step shutdown.
+// The rest is the server around the endpoint: flags, routes, timeouts, the
+// two-step shutdown, and a console that never blocks.
+
+// defaultMaxPending bounds what pending tasks cost to about 260 MB: each
+// costs 6.6 KB of memory, by BenchmarkPendingTasks.
+const defaultMaxPending = 40_000
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:8000", "address to listen on")
 	logPath := flag.String("log", "log.txt", "file the notifications are appended to")
 	delay := flag.Duration("delay", 0, "how long each task waits before writing, like a slow mail server")
 	drain := flag.Duration("drain", 10*time.Second, "how long shutdown waits for responses and tasks")
+	maxPending := flag.Int("max-pending", defaultMaxPending, "tasks pending at most; past it, requests get 503 (0: no limit)")
 	flag.Parse()
 	var bad string
 	switch {
@@ -145,6 +166,8 @@ func main() {
 		bad = "-delay must not be negative"
 	case *drain <= 0:
 		bad = "-drain must be positive"
+	case *maxPending < 0:
+		bad = "-max-pending must not be negative"
 	}
 	if bad != "" {
 		fmt.Fprintln(os.Stderr, "notify:", bad)
@@ -152,12 +175,35 @@ func main() {
 		os.Exit(2)
 	}
 
-	logFile := &notificationLog{path: *logPath, stdout: os.Stdout}
-	tasks := background.NewHandler(routes(logFile, *delay))
-	if err := serve(newServer(tasks), tasks, *addr, *drain); err != nil {
-		fmt.Fprintln(os.Stderr, "notify:", err)
+	// From here on, output goes through consoles, which never block: a
+	// stdout or stderr that nobody reads must stall neither the tasks nor
+	// shutdown. One whose reader has gone must not end the process, which
+	// is what SIGPIPE does by default.
+	stdout, stderr := newConsole(os.Stdout), newConsole(os.Stderr)
+	log.SetOutput(stderr) // where slog.Default, and so background's lines, and net/http's go
+	signal.Ignore(syscall.SIGPIPE)
+	err := run(*addr, *logPath, *delay, *drain, *maxPending, stdout)
+	flushBy := time.Now().Add(500 * time.Millisecond)
+	if err != nil {
+		stdout.flush(flushBy)
+		stderr.flush(flushBy, "notify: "+err.Error())
 		os.Exit(1)
 	}
+	stdout.flush(flushBy, "Every task finished.")
+	stderr.flush(flushBy)
+}
+
+// run opens the log file, serves until a signal, and shuts down. It returns
+// nil only if every task queued wrote its line.
+func run(addr, logPath string, delay, drain time.Duration, maxPending int, stdout *console) error {
+	logFile, err := openLog(logPath, stdout)
+	if err != nil {
+		return err
+	}
+	defer logFile.file.Close()
+	tasks := background.NewHandler(routes(logFile, delay))
+	tasks.MaxPending = maxPending
+	return serve(newServer(tasks), tasks, addr, drain, logFile, stdout)
 }
 
 // routes returns the program's one endpoint. An empty email gets the same
@@ -182,40 +228,121 @@ func newServer(h http.Handler) *http.Server {
 	}
 }
 
-// serve serves on addr until SIGINT or SIGTERM, then shuts down in two steps
-// within drain. It returns an error if it could not listen, or if shutdown's
-// deadline cut off responses or tasks.
-func serve(srv *http.Server, tasks *background.Handler, addr string, drain time.Duration) error {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
+// serve serves on addr until SIGINT, SIGTERM or SIGHUP, then shuts down in
+// two steps within drain. A second signal ends the wait at once. It returns
+// an error if it could not listen, or if a queued line was not written.
+func serve(srv *http.Server, tasks *background.Handler, addr string, drain time.Duration, logFile *notificationLog, stdout *console) error {
+	signals := make(chan os.Signal, 2)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
-	fmt.Printf("Listening on http://%s (Ctrl-C to stop)\n", ln.Addr())
+	stdout.print(fmt.Sprintf("Listening on http://%s (Ctrl-C to stop)", ln.Addr()))
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	select {
 	case err := <-served:
 		return err
-	case <-ctx.Done():
+	case <-signals:
 	}
-	stop() // a second Ctrl-C kills the process at once
 
-	fmt.Printf("Shutting down: finishing responses and tasks (up to %v)\n", drain)
 	ctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
+	stopped := make(chan error, 1)
+	go func() { stopped <- shutdown(ctx, srv, tasks) }() // before anything else, so that nothing delays it
+	stdout.print(fmt.Sprintf("Shutting down: finishing responses and tasks (up to %v)", drain))
+	select {
+	case err = <-stopped:
+	case sig := <-signals:
+		return fmt.Errorf("%v again: exiting at once; acknowledged tasks abandoned: %d", sig, logFile.unfinished())
+	}
+	switch unfinished, failed := logFile.unfinished(), logFile.failed.Load(); {
+	case err != nil:
+		return fmt.Errorf("%w after %v; tasks lost unfinished: %d, failed: %d", err, drain, unfinished, failed)
+	case failed > 0:
+		return fmt.Errorf("tasks failed: %d of %d; their lines are not in the log file", failed, logFile.queued.Load())
+	}
+	return nil
+}
+
+// shutdown stops srv and then waits for tasks, within ctx.
+func shutdown(ctx context.Context, srv *http.Server, tasks *background.Handler) error {
 	// Step 1: stop taking requests, and let the responses in flight finish.
 	// Their tasks are queued by the time each handler returns.
 	if err := srv.Shutdown(ctx); err != nil {
 		tasks.Shutdown(ctx) // ctx has ended: this drops the queued tasks, with a log line
-		return fmt.Errorf("responses still in flight after %v: %w", drain, err)
+		return errors.New("responses still in flight")
 	}
 	// Step 2: http.Server.Shutdown does not wait for the tasks' goroutines,
 	// so wait for them here.
 	if err := tasks.Shutdown(ctx); err != nil {
-		return fmt.Errorf("tasks still unfinished after %v, so they were lost: %w", drain, err)
+		return errors.New("tasks still running")
 	}
-	fmt.Println("Every task finished.")
 	return nil
+}
+
+// console prints lines from a goroutine of its own, so that printing never
+// blocks. A line that finds the queue full is skipped, and counted on the
+// next line that gets through.
+type console struct {
+	lines   chan string // "" asks the printer to close flushed and stop
+	skipped atomic.Int64
+	flushed chan struct{}
+}
+
+func newConsole(w io.Writer) *console {
+	c := &console{lines: make(chan string, 4096), flushed: make(chan struct{})}
+	go func() {
+		for line := range c.lines {
+			if line == "" {
+				close(c.flushed)
+				return
+			}
+			if n := c.skipped.Swap(0); n > 0 {
+				fmt.Fprintf(w, "(%d lines skipped: this output was not being read)\n", n)
+			}
+			io.WriteString(w, line)
+		}
+	}()
+	return c
+}
+
+// print queues line, adding a newline, or skips it if the queue is full.
+func (c *console) print(line string) { c.Write([]byte(line + "\n")) }
+
+// Write queues p, or skips it if the queue is full. It makes c an io.Writer,
+// for log.SetOutput.
+func (c *console) Write(p []byte) (int, error) {
+	if len(p) > 0 {
+		select {
+		case c.lines <- string(p):
+		default:
+			c.skipped.Add(1)
+		}
+	}
+	return len(p), nil
+}
+
+// flush prints last after the lines already queued, waiting for room in the
+// queue rather than skipping, then stops the printer once all are printed.
+// It returns by deadline, printed or not.
+func (c *console) flush(deadline time.Time, last ...string) {
+	timeout := time.After(time.Until(deadline))
+	for _, line := range last {
+		select {
+		case c.lines <- line + "\n":
+		case <-timeout:
+			return
+		}
+	}
+	select {
+	case c.lines <- "": // the printer closes flushed when it gets here
+	case <-timeout:
+		return
+	}
+	select {
+	case <-c.flushed:
+	case <-timeout:
+	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -35,15 +37,28 @@ const failSafe = 30 * time.Second
 type app struct {
 	tasks   *background.Handler
 	logPath string
+	console *console      // the tasks' stdout
+	echo    overlapWriter // what the console writes to: passes writes on to stdout
 	stdout  syncBuffer    // what the tasks print
-	echo    overlapWriter // the tasks' stdout: passes writes on to stdout
 }
 
 func newApp(t *testing.T) *app {
 	a := &app{logPath: filepath.Join(t.TempDir(), "log.txt")}
 	a.echo.w = &a.stdout
-	a.tasks = background.NewHandler(routes(&notificationLog{path: a.logPath, stdout: &a.echo}, 0))
+	a.console = newConsole(&a.echo)
+	a.tasks = background.NewHandler(routes(openTestLog(t, a.logPath, a.console), 0))
 	return a
+}
+
+// openTestLog opens the log file at path, to be closed when the test ends.
+func openTestLog(t *testing.T, path string, echo *console) *notificationLog {
+	t.Helper()
+	l, err := openLog(path, echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.file.Close() })
+	return l
 }
 
 func (a *app) do(method, target string) *httptest.ResponseRecorder {
@@ -52,7 +67,8 @@ func (a *app) do(method, target string) *httptest.ResponseRecorder {
 	return rec
 }
 
-// finish waits for every task the requests queued.
+// finish waits for every task the requests queued, and for their lines to
+// be printed.
 func (a *app) finish(t *testing.T) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), failSafe)
@@ -60,6 +76,7 @@ func (a *app) finish(t *testing.T) {
 	if err := a.tasks.Shutdown(ctx); err != nil {
 		t.Fatalf("tasks did not finish: %v", err)
 	}
+	a.console.flush(time.Now().Add(failSafe))
 }
 
 // logged returns the log file's content, or "" if there is no file.
@@ -162,7 +179,7 @@ func TestConcurrentTasksWriteWholeLinesOnce(t *testing.T) {
 	a.finish(t)
 
 	if a.echo.overlapped.Load() {
-		t.Error("two appends echoed to stdout at the same time: appends are not serialized")
+		t.Error("two lines printed to stdout at the same time")
 	}
 	for _, out := range []struct{ name, text string }{{"log file", a.logged(t)}, {"stdout", a.stdout.String()}} {
 		name, text := out.name, out.text
@@ -203,7 +220,7 @@ func TestDelayEndsWhenTaskContextIsCanceled(t *testing.T) {
 
 func TestTaskCutOffByShutdownWritesNothing(t *testing.T) {
 	logPath := filepath.Join(t.TempDir(), "log.txt")
-	tasks := background.NewHandler(routes(&notificationLog{path: logPath, stdout: io.Discard}, time.Hour))
+	tasks := background.NewHandler(routes(openTestLog(t, logPath, newConsole(io.Discard)), time.Hour))
 	tasks.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	tasks.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("POST", "/send-notification/test@example.com", nil))
 
@@ -222,16 +239,52 @@ func TestTaskCutOffByShutdownWritesNothing(t *testing.T) {
 	if err := tasks.Shutdown(ctx); ctx.Err() != nil {
 		t.Fatalf("the canceled task did not return: %v", err)
 	}
-	if b, err := os.ReadFile(logPath); !errors.Is(err, os.ErrNotExist) {
+	if b, err := os.ReadFile(logPath); err != nil || len(b) > 0 {
 		t.Errorf("log file = %q (%v): a task cut off by Shutdown wrote its line", b, err)
 	}
 }
 
-func TestUnwritableLogFileMakesTheTaskFail(t *testing.T) {
-	l := &notificationLog{path: filepath.Join(t.TempDir(), "missing", "log.txt"), stdout: io.Discard}
-	if err := l.append("Notification sent to: test@example.com"); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("append = %v, want an error saying the file cannot be created", err)
+func TestLogFileThatCannotBeCreatedIsAnErrorAtOnce(t *testing.T) {
+	_, err := openLog(filepath.Join(t.TempDir(), "missing", "log.txt"), newConsole(io.Discard))
+	if !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("openLog = %v, want an error saying the file cannot be created", err)
 	}
+}
+
+// A stdout nobody reads fills up, and a print to it blocks. A console must
+// not: a task that printed would wait, and hold up shutdown.
+func TestConsoleThatCannotWriteBlocksNoCallerAndCountsWhatItSkipped(t *testing.T) {
+	out := &gatedWriter{opened: make(chan struct{})}
+	c := newConsole(out)
+	printed := make(chan struct{})
+	go func() {
+		for range 2 * cap(c.lines) {
+			c.print("Log written: Notification sent to: test@example.com")
+		}
+		close(printed)
+	}()
+	select {
+	case <-printed:
+	case <-time.After(failSafe):
+		t.Fatal("print blocked while the console's output could not be written")
+	}
+
+	close(out.opened) // the reader is back
+	c.flush(time.Now().Add(failSafe), "Every task finished.")
+	if got := out.buf.String(); !strings.Contains(got, "lines skipped") || !strings.HasSuffix(got, "Every task finished.\n") {
+		t.Errorf("the console printed %d bytes ending in %q; want a count of the lines skipped, then the last line", len(got), got[max(0, len(got)-200):])
+	}
+}
+
+// gatedWriter's Write blocks until opened is closed.
+type gatedWriter struct {
+	opened chan struct{}
+	buf    syncBuffer
+}
+
+func (w *gatedWriter) Write(p []byte) (int, error) {
+	<-w.opened
+	return w.buf.Write(p)
 }
 
 // syncBuffer is a bytes.Buffer that tasks may write to concurrently.
@@ -278,6 +331,9 @@ type process struct {
 	stdout chan string // its output, line by line
 	stderr chan string
 	exited chan struct{} // closed once it has exited and its output is read
+
+	stdoutPipe *os.File      // the read end of its stdout
+	unread     chan struct{} // closed by stopReading
 }
 
 // maxLines is more lines than any test reads from a process, so that its
@@ -286,29 +342,60 @@ const maxLines = 10000
 
 // start runs bin in a new temporary directory, on a free port, and waits
 // until it is listening.
-func start(t *testing.T, bin string, args ...string) *process {
+func start(t testing.TB, bin string, args ...string) *process {
+	t.Helper()
+	return startCmd(t, exec.Command(bin, append([]string{"-addr", "127.0.0.1:0"}, args...)...))
+}
+
+// startCmd is start for a command of the test's own making.
+func startCmd(t testing.TB, cmd *exec.Cmd) *process {
 	t.Helper()
 	p := &process{
+		cmd:    cmd,
 		dir:    t.TempDir(),
 		stdout: make(chan string, maxLines),
 		stderr: make(chan string, maxLines),
 		exited: make(chan struct{}),
+		unread: make(chan struct{}),
 	}
-	p.cmd = exec.Command(bin, append([]string{"-addr", "127.0.0.1:0"}, args...)...)
-	p.cmd.Dir = p.dir
-	p.cmd.Stdout = &lineWriter{lines: p.stdout}
-	p.cmd.Stderr = &lineWriter{lines: p.stderr}
-	if err := p.cmd.Start(); err != nil {
+	// Its stdout is a pipe that the test may stop reading, as a stuck log
+	// collector would.
+	r, w, err := os.Pipe()
+	if err != nil {
 		t.Fatal(err)
 	}
+	p.stdoutPipe = r
+	p.cmd.Dir = p.dir
+	p.cmd.Stdout = w
+	p.cmd.Stderr = &lineWriter{lines: p.stderr}
+	err = p.cmd.Start()
+	w.Close() // the process has its own copy
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdoutRead := make(chan struct{})
 	go func() {
-		p.cmd.Wait() // returns once all output has gone through lineWriter
-		close(p.stdout)
+		defer close(stdoutRead)
+		defer close(p.stdout)
+		lines := bufio.NewScanner(r)
+		for lines.Scan() {
+			select {
+			case p.stdout <- lines.Text():
+			case <-p.unread:
+				return
+			}
+		}
+	}()
+	go func() {
+		p.cmd.Wait() // returns once all of stderr has gone through lineWriter
+		<-stdoutRead
 		close(p.stderr)
 		close(p.exited)
 	}()
 	t.Cleanup(func() {
 		p.cmd.Process.Kill() // if still running
+		p.stopReading()
+		r.Close()
 		<-p.exited
 	})
 
@@ -319,7 +406,7 @@ func start(t *testing.T, bin string, args ...string) *process {
 }
 
 // expect reads lines from ch until one contains want, and returns it.
-func (p *process) expect(t *testing.T, ch <-chan string, want string) string {
+func (p *process) expect(t testing.TB, ch <-chan string, want string) string {
 	t.Helper()
 	timeout := time.After(failSafe)
 	var seen []string
@@ -358,24 +445,46 @@ func (p *process) notify(t *testing.T, email string) string {
 	return string(body)
 }
 
-// stop sends sig and returns the exit code.
-func (p *process) stop(t *testing.T, sig os.Signal) int {
+// stopReading stops reading the process's stdout, as a stuck log collector
+// would: once the pipe is full, each of its writes to stdout blocks.
+func (p *process) stopReading() {
+	select {
+	case <-p.unread:
+	default:
+		close(p.unread)
+	}
+}
+
+// signal sends sig.
+func (p *process) signal(t testing.TB, sig os.Signal) {
 	t.Helper()
 	if err := p.cmd.Process.Signal(sig); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// stop sends sig and returns the exit code.
+func (p *process) stop(t testing.TB, sig os.Signal) int {
+	t.Helper()
+	p.signal(t, sig)
+	return p.wait(t)
+}
+
+// wait waits for the process to exit, and returns its exit code.
+func (p *process) wait(t testing.TB) int {
+	t.Helper()
 	select {
 	case <-p.exited:
 		return p.cmd.ProcessState.ExitCode()
 	case <-time.After(failSafe):
-		t.Fatalf("notify did not exit after %v", sig)
+		t.Fatal("notify did not exit")
 		return -1
 	}
 }
 
 // logged returns the content of the log file in the process's directory,
 // or "" if there is no file.
-func (p *process) logged(t *testing.T) string {
+func (p *process) logged(t testing.TB) string {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(p.dir, "log.txt"))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -402,6 +511,16 @@ func runOnce(t *testing.T, bin string, args ...string) (string, int) {
 	return "", -1
 }
 
+// build builds the program into a temporary directory and returns its path.
+func build(t testing.TB) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "notify")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
 // lineWriter passes each whole line written to it on to lines.
 type lineWriter struct {
 	lines   chan<- string
@@ -424,10 +543,7 @@ func TestProgramEndToEnd(t *testing.T) {
 	if runtime.GOOS == "windows" {
 		t.Skip("sends SIGTERM")
 	}
-	bin := filepath.Join(t.TempDir(), "notify")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := build(t)
 
 	t.Run("curl flow writes the exact line", func(t *testing.T) {
 		p := start(t, bin)
@@ -466,7 +582,7 @@ func TestProgramEndToEnd(t *testing.T) {
 		if code := p.stop(t, syscall.SIGTERM); code != 1 {
 			t.Errorf("exit code = %d, want 1", code)
 		}
-		p.expect(t, p.stderr, "tasks still unfinished after 100ms")
+		p.expect(t, p.stderr, "notify: tasks still running after 100ms; tasks lost unfinished: 1, failed: 0")
 		if got := p.logged(t); got != "" {
 			t.Errorf("log.txt = %q: the canceled task wrote its line", got)
 		}
@@ -538,31 +654,328 @@ func TestProgramEndToEnd(t *testing.T) {
 			t.Errorf("exit code = %d, want 0", code)
 		}
 
-		lines := strings.Split(strings.TrimSuffix(p.logged(t), "\n"), "\n")
-		seen := make(map[string]int)
-		for _, line := range lines {
-			email, ok := strings.CutPrefix(line, "Notification sent to: ")
-			if !ok || !answered[email] {
-				t.Errorf("log.txt has a line for no answered request: %q", line)
-			}
-			seen[email]++
-		}
-		for _, email := range slices.Sorted(maps.Keys(answered)) {
-			if seen[email] != 1 {
-				t.Errorf("%s got 200 and has %d lines, want 1", email, seen[email])
-			}
-		}
-		t.Logf("%d of %d requests answered before the server stopped; %d lines", len(answered), requests, len(lines))
+		checkLines(t, p.logged(t), slices.Sorted(maps.Keys(answered)))
+		t.Logf("%d of %d requests answered before the server stopped", len(answered), requests)
 	})
 
-	t.Run("unwritable log file keeps the server answering", func(t *testing.T) {
-		p := start(t, bin, "-log", filepath.Join("missing", "log.txt"))
-		p.notify(t, "first@example.com")
-		p.expect(t, p.stderr, "background: task failed")
-		p.notify(t, "second@example.com")
-		p.expect(t, p.stderr, "background: task failed")
+	t.Run("at -max-pending, a flood gets 503s with Retry-After, and every 200 its line", func(t *testing.T) {
+		const limit, requests, conns = 20, 1000, 16
+		p := start(t, bin, "-delay", "1s", "-max-pending", fmt.Sprint(limit))
+		transport := &http.Transport{MaxConnsPerHost: conns, MaxIdleConnsPerHost: conns}
+		defer transport.CloseIdleConnections()
+		client := &http.Client{Transport: transport, Timeout: failSafe}
+		emails := make(chan string, requests)
+		for i := range requests {
+			emails <- fmt.Sprintf("user%04d@example.com", i)
+		}
+		close(emails)
+		var mu sync.Mutex
+		var answered []string
+		var refused int
+		var wg sync.WaitGroup
+		for range conns {
+			wg.Go(func() {
+				for email := range emails {
+					resp, err := client.Post(p.url+"/send-notification/"+email, "", nil)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					mu.Lock()
+					switch {
+					case resp.StatusCode == http.StatusOK:
+						answered = append(answered, email)
+					case resp.StatusCode == http.StatusServiceUnavailable && resp.Header.Get("Retry-After") == "1":
+						refused++
+					default:
+						t.Errorf("%s: Retry-After %q; want 200, or 503 with Retry-After 1", resp.Status, resp.Header.Get("Retry-After"))
+					}
+					mu.Unlock()
+				}
+			})
+		}
+		wg.Wait()
+		if refused == 0 {
+			t.Errorf("none of %d requests refused: the limit of %d tasks pending was not kept", requests, limit)
+		}
 		if code := p.stop(t, syscall.SIGTERM); code != 0 {
-			t.Errorf("exit code = %d, want 0: the failed tasks did finish", code)
+			t.Errorf("exit code = %d, want 0", code)
+		}
+		checkLines(t, p.logged(t), answered)
+		t.Logf("%d answered, %d refused", len(answered), refused)
+	})
+
+	t.Run("a log file that cannot be opened stops it before it listens", func(t *testing.T) {
+		out, code := runOnce(t, bin, "-addr", "127.0.0.1:0", "-log", filepath.Join(t.TempDir(), "missing", "log.txt"))
+		if code != 1 || !strings.HasPrefix(out, "notify: cannot open the log file: ") || strings.Contains(out, "Listening") {
+			t.Errorf("exit code %d, output %q; want exit code 1 and only a line saying why", code, out)
 		}
 	})
+
+	t.Run("failed writes are counted in the last line, and it exits 1", func(t *testing.T) {
+		if _, err := os.Stat("/dev/full"); err != nil {
+			t.Skip("needs /dev/full, where every write fails")
+		}
+		p := start(t, bin, "-log", "/dev/full")
+		p.notify(t, "first@example.com")
+		p.notify(t, "second@example.com")
+		if code := p.stop(t, syscall.SIGTERM); code != 1 {
+			t.Errorf("exit code = %d, want 1", code)
+		}
+		p.expect(t, p.stderr, "notify: tasks failed: 2 of 2; their lines are not in the log file")
+	})
+
+	t.Run("SIGHUP drains like SIGTERM", func(t *testing.T) {
+		p := start(t, bin, "-delay", "100ms")
+		p.notify(t, "hangup@example.com")
+		if code := p.stop(t, syscall.SIGHUP); code != 0 {
+			t.Errorf("exit code = %d, want 0", code)
+		}
+		if got, want := p.logged(t), "Notification sent to: hangup@example.com\n"; got != want {
+			t.Errorf("log.txt = %q, want %q", got, want)
+		}
+	})
+
+	t.Run("a second signal during the drain exits at once, counting what it abandons", func(t *testing.T) {
+		p := start(t, bin, "-delay", "1h", "-drain", "1h")
+		for _, email := range []string{"a@example.com", "b@example.com", "c@example.com"} {
+			p.notify(t, email)
+		}
+		p.signal(t, syscall.SIGTERM)
+		p.expect(t, p.stdout, "Shutting down")
+		if code := p.stop(t, syscall.SIGTERM); code != 1 {
+			t.Errorf("exit code = %d, want 1", code)
+		}
+		p.expect(t, p.stderr, "notify: terminated again: exiting at once; acknowledged tasks abandoned: 3")
+	})
+
+	t.Run("a stdout nobody reads stalls neither the tasks nor SIGTERM", func(t *testing.T) {
+		p := start(t, bin)
+		p.stopReading()
+		// More lines than the pipe and the console's queue hold together.
+		emails := sendMany(t, p, 8000)
+		if code := p.stop(t, syscall.SIGTERM); code != 0 {
+			t.Errorf("exit code = %d, want 0", code)
+		}
+		checkLines(t, p.logged(t), emails)
+	})
+
+	t.Run("a stdout whose reader has gone does not end it", func(t *testing.T) {
+		p := start(t, bin)
+		p.stopReading()
+		p.stdoutPipe.Close() // writes to stdout now fail with EPIPE, and raise SIGPIPE
+		emails := sendMany(t, p, 100)
+		if code := p.stop(t, syscall.SIGTERM); code != 0 {
+			t.Errorf("exit code = %d, want 0", code)
+		}
+		checkLines(t, p.logged(t), emails)
+	})
+
+	t.Run("tasks write their lines though file descriptors have run out", func(t *testing.T) {
+		// The shell sets a low limit, which Go's runtime cannot raise, and
+		// runs notify with it. Idle connections then use up the rest.
+		p := startCmd(t, exec.Command("sh", "-c", `ulimit -n 24 && exec "$0" "$@"`, bin, "-addr", "127.0.0.1:0"))
+		client := &http.Client{Timeout: failSafe, Transport: &http.Transport{MaxConnsPerHost: 1}}
+		defer client.CloseIdleConnections()
+		post(t, client, p.url+"/send-notification/before@example.com")
+		var idle []net.Conn
+		defer func() {
+			for _, c := range idle {
+				c.Close()
+			}
+		}()
+		for range 30 {
+			c, err := net.Dial("tcp", strings.TrimPrefix(p.url, "http://"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			idle = append(idle, c)
+		}
+		p.expect(t, p.stderr, "too many open files")
+		post(t, client, p.url+"/send-notification/after@example.com") // on the connection already open
+		for _, c := range idle {
+			c.Close()
+		}
+		idle = nil
+		if code := p.stop(t, syscall.SIGTERM); code != 0 {
+			t.Errorf("exit code = %d, want 0", code)
+		}
+		checkLines(t, p.logged(t), []string{"before@example.com", "after@example.com"})
+	})
+}
+
+// post sends a POST to url with c and fails the test unless it gets 200.
+func post(t *testing.T, c *http.Client, url string) {
+	t.Helper()
+	resp, err := c.Post(url, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("POST %s: %s", url, resp.Status)
+	}
+}
+
+// sendMany sends n notifications, one after another over a keep-alive
+// connection, and returns their emails.
+func sendMany(t *testing.T, p *process, n int) []string {
+	t.Helper()
+	client := &http.Client{Timeout: failSafe, Transport: &http.Transport{}}
+	defer client.CloseIdleConnections()
+	var emails []string
+	for i := range n {
+		email := fmt.Sprintf("user%05d@example.com", i)
+		post(t, client, p.url+"/send-notification/"+email)
+		emails = append(emails, email)
+	}
+	return emails
+}
+
+// checkLines fails the test unless logged has exactly one line for each of
+// emails, and no other line.
+func checkLines(t *testing.T, logged string, emails []string) {
+	t.Helper()
+	seen := make(map[string]int)
+	for _, email := range emails {
+		seen[email] = 0
+	}
+	for line := range strings.Lines(logged) {
+		email, ok := strings.CutPrefix(strings.TrimSuffix(line, "\n"), "Notification sent to: ")
+		if _, answered := seen[email]; !ok || !answered {
+			t.Errorf("log.txt has a line for no answered request: %q", line)
+			continue
+		}
+		seen[email]++
+	}
+	var wrong []string
+	for _, email := range emails {
+		if seen[email] != 1 {
+			wrong = append(wrong, fmt.Sprintf("%s: %d", email, seen[email]))
+		}
+	}
+	if len(wrong) > 0 {
+		t.Errorf("%d of %d answered requests have other than one line in log.txt; the first: %s", len(wrong), len(emails), wrong[0])
+	}
+}
+
+// --- Benchmarks ---
+
+// BenchmarkPendingTasks runs the program, floods it with b.N requests whose
+// tasks wait, and reports what that costs, from /proc (so on Linux only):
+//
+//   - no-limit: memory per pending task, with -max-pending 0, and then how
+//     long SIGTERM takes to exit past -drain, with b.N tasks pending;
+//   - default-limit: the peak memory under a flood of 30 s tasks, and how
+//     many requests the default -max-pending refused. Every 200's line is
+//     either written or counted in the last line, or the benchmark fails.
+//
+// README's figures come from go test -run '^$' -bench PendingTasks
+// -benchtime 250000x ./cmd/notify, with nothing else running.
+func BenchmarkPendingTasks(b *testing.B) {
+	if runtime.GOOS != "linux" {
+		b.Skip("reads memory figures from /proc")
+	}
+	bin := build(b)
+	const drain = 2 * time.Second
+
+	b.Run("no-limit", func(b *testing.B) {
+		p := start(b, bin, "-delay", "1h", "-drain", drain.String(), "-max-pending", "0")
+		flood(b, p, 1000)
+		before := p.memory(b, "VmRSS")
+		ok, _ := flood(b, p, b.N)
+		if ok != b.N {
+			b.Fatalf("%d of %d requests answered 200; want all, with no limit", ok, b.N)
+		}
+		b.ReportMetric(float64(p.memory(b, "VmRSS")-before)/float64(b.N), "B/pending-task")
+		b.ReportMetric(float64(p.memory(b, "VmRSS"))/1e6, "MB-RSS")
+
+		signaled := time.Now()
+		code := p.stop(b, syscall.SIGTERM)
+		b.ReportMetric((time.Since(signaled) - drain).Seconds(), "s-exit-past-drain")
+		if code != 1 {
+			b.Errorf("exit code = %d; want 1, as every task was cut off", code)
+		}
+	})
+
+	b.Run("default-limit", func(b *testing.B) {
+		p := start(b, bin, "-delay", "30s", "-drain", drain.String())
+		ok, refused := flood(b, p, b.N)
+		b.ReportMetric(float64(p.memory(b, "VmHWM"))/1e6, "MB-peak-RSS")
+		b.ReportMetric(float64(refused), "refused")
+		p.stop(b, syscall.SIGTERM)
+		lost := 0
+		if ok > 0 {
+			line := p.expect(b, p.stderr, "tasks lost unfinished: ")
+			fmt.Sscanf(line[strings.Index(line, "unfinished: "):], "unfinished: %d", &lost)
+		}
+		if written := strings.Count(p.logged(b), "\n"); written+lost != ok {
+			b.Errorf("%d answered 200, but %d lines written and %d counted as lost", ok, written, lost)
+		}
+	})
+}
+
+// flood sends n notifications over 64 keep-alive connections, at once, with
+// a client light enough not to hide the server's cost, and returns how many
+// were answered 200 and how many 503.
+func flood(b *testing.B, p *process, n int) (ok, refused int) {
+	b.Helper()
+	const conns = 64
+	var answered, unavailable atomic.Int64
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range conns {
+		wg.Go(func() {
+			conn, err := net.Dial("tcp", strings.TrimPrefix(p.url, "http://"))
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			defer conn.Close()
+			r := bufio.NewReader(conn)
+			for i := next.Add(1); i <= int64(n); i = next.Add(1) {
+				fmt.Fprintf(conn, "POST /send-notification/user%d@example.com HTTP/1.1\r\nHost: notify\r\nContent-Length: 0\r\n\r\n", i)
+				resp, err := http.ReadResponse(r, nil)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				switch resp.StatusCode {
+				case http.StatusOK:
+					answered.Add(1)
+				case http.StatusServiceUnavailable:
+					unavailable.Add(1)
+				default:
+					b.Errorf("status %s", resp.Status)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return int(answered.Load()), int(unavailable.Load())
+}
+
+// memory returns a figure from /proc/PID/status, in bytes: VmRSS, the
+// memory the process holds now, or VmHWM, the most it has held.
+func (p *process) memory(b *testing.B, field string) int {
+	b.Helper()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for line := range strings.Lines(string(status)) {
+		if rest, ok := strings.CutPrefix(line, field+":"); ok {
+			var kB int
+			fmt.Sscanf(strings.TrimSpace(rest), "%d kB", &kB)
+			return kB << 10
+		}
+	}
+	b.Fatalf("no %s in /proc/%d/status", field, p.cmd.Process.Pid)
+	return 0
 }
