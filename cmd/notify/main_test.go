@@ -609,47 +609,28 @@ func TestProgramEndToEnd(t *testing.T) {
 	t.Run("SIGTERM under load keeps one line for each 200 and no other", func(t *testing.T) {
 		const requests, conns = 2000, 32
 		p := start(t, bin, "-delay", "20ms")
-		transport := &http.Transport{MaxConnsPerHost: conns, MaxIdleConnsPerHost: conns}
-		defer transport.CloseIdleConnections()
-		client := &http.Client{Transport: transport, Timeout: failSafe}
-
-		emails := make(chan string, requests)
-		for i := range requests {
-			emails <- fmt.Sprintf("user%04d@example.com", i)
-		}
-		close(emails)
-		var mu sync.Mutex
 		answered := make(map[string]bool) // the emails whose request got 200
 		half := make(chan struct{})
-		var wg sync.WaitGroup
-		for range conns {
-			wg.Go(func() {
-				for email := range emails {
-					resp, err := client.Post(p.url+"/send-notification/"+email, "", nil)
-					if err != nil {
-						continue // refused, once the server has stopped listening
-					}
-					io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
-					if resp.StatusCode != http.StatusOK {
-						continue
-					}
-					mu.Lock()
+		sent := make(chan struct{})
+		go func() {
+			defer close(sent)
+			sendAll(p, requests, conns, func(email string, resp *http.Response, err error) {
+				// An error is a request refused once the server has stopped listening.
+				if err == nil && resp.StatusCode == http.StatusOK {
 					answered[email] = true
 					if len(answered) == requests/2 {
 						close(half)
 					}
-					mu.Unlock()
 				}
 			})
-		}
+		}()
 		select {
 		case <-half:
 		case <-time.After(failSafe):
 			t.Fatal("half of the requests were not answered")
 		}
 		code := p.stop(t, syscall.SIGTERM)
-		wg.Wait()
+		<-sent
 		if code != 0 {
 			t.Errorf("exit code = %d, want 0", code)
 		}
@@ -661,42 +642,20 @@ func TestProgramEndToEnd(t *testing.T) {
 	t.Run("at -max-pending, a flood gets 503s with Retry-After, and every 200 its line", func(t *testing.T) {
 		const limit, requests, conns = 20, 1000, 16
 		p := start(t, bin, "-delay", "1s", "-max-pending", fmt.Sprint(limit))
-		transport := &http.Transport{MaxConnsPerHost: conns, MaxIdleConnsPerHost: conns}
-		defer transport.CloseIdleConnections()
-		client := &http.Client{Transport: transport, Timeout: failSafe}
-		emails := make(chan string, requests)
-		for i := range requests {
-			emails <- fmt.Sprintf("user%04d@example.com", i)
-		}
-		close(emails)
-		var mu sync.Mutex
 		var answered []string
 		var refused int
-		var wg sync.WaitGroup
-		for range conns {
-			wg.Go(func() {
-				for email := range emails {
-					resp, err := client.Post(p.url+"/send-notification/"+email, "", nil)
-					if err != nil {
-						t.Error(err)
-						return
-					}
-					io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
-					mu.Lock()
-					switch {
-					case resp.StatusCode == http.StatusOK:
-						answered = append(answered, email)
-					case resp.StatusCode == http.StatusServiceUnavailable && resp.Header.Get("Retry-After") == "1":
-						refused++
-					default:
-						t.Errorf("%s: Retry-After %q; want 200, or 503 with Retry-After 1", resp.Status, resp.Header.Get("Retry-After"))
-					}
-					mu.Unlock()
-				}
-			})
-		}
-		wg.Wait()
+		sendAll(p, requests, conns, func(email string, resp *http.Response, err error) {
+			switch {
+			case err != nil:
+				t.Error(err)
+			case resp.StatusCode == http.StatusOK:
+				answered = append(answered, email)
+			case resp.StatusCode == http.StatusServiceUnavailable && resp.Header.Get("Retry-After") == "1":
+				refused++
+			default:
+				t.Errorf("%s: Retry-After %q; want 200, or 503 with Retry-After 1", resp.Status, resp.Header.Get("Retry-After"))
+			}
+		})
 		if refused == 0 {
 			t.Errorf("none of %d requests refused: the limit of %d tasks pending was not kept", requests, limit)
 		}
@@ -818,6 +777,37 @@ func post(t *testing.T, c *http.Client, url string) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("POST %s: %s", url, resp.Status)
 	}
+}
+
+// sendAll sends requests notifications from conns clients at once, and
+// passes each email with its response, or its error, to record, one call at
+// a time. It returns once every request has been answered or has failed.
+func sendAll(p *process, requests, conns int, record func(email string, resp *http.Response, err error)) {
+	transport := &http.Transport{MaxConnsPerHost: conns, MaxIdleConnsPerHost: conns}
+	defer transport.CloseIdleConnections()
+	client := &http.Client{Transport: transport, Timeout: failSafe}
+	emails := make(chan string, requests)
+	for i := range requests {
+		emails <- fmt.Sprintf("user%04d@example.com", i)
+	}
+	close(emails)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for range conns {
+		wg.Go(func() {
+			for email := range emails {
+				resp, err := client.Post(p.url+"/send-notification/"+email, "", nil)
+				if err == nil {
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+				mu.Lock()
+				record(email, resp, err)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
 }
 
 // sendMany sends n notifications, one after another over a keep-alive
