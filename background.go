@@ -79,14 +79,14 @@ import (
 // and Flush do nothing. The temporary files of a multipart form that the
 // handler parsed are removed then too.
 type Handler struct {
-	// Logger receives a line for each failed, panicking or dropped task.
-	// If nil, slog.Default() at the moment of logging is used.
+	// Logger receives the Handler's lines: tasks failed, panicked or dropped,
+	// and refusals. If nil, slog.Default() at the moment of logging is used.
 	Logger *slog.Logger
 
 	// MaxPending limits the tasks pending (added, not yet finished or
 	// dropped); zero means no limit. At the limit, a new request gets 503
 	// Service Unavailable and "Retry-After: 1" before its handler runs, so it
-	// is not acknowledged; one being served may still add tasks past it.
+	// is not acknowledged. Requests being served, and tasks, may add past it.
 	MaxPending int
 
 	next    http.Handler
@@ -99,8 +99,8 @@ type Handler struct {
 	mu       sync.Mutex
 	drained  chan struct{} // closed when pending drops to 0; nil unless a Shutdown waits
 	refusing bool          // since a 503 was logged: one line per burst of them
-	// pending counts the tasks added and not yet finished or dropped; drains,
-	// the times drained was closed, which is when a Shutdown returns nil.
+	// pending counts the tasks added and not yet finished or dropped, and
+	// drains the times drained was closed, so Add can tell a Shutdown returned.
 	pending, drains int
 }
 
@@ -113,16 +113,16 @@ func NewHandler(next http.Handler) *Handler {
 	return &Handler{next: next, ctx: ctx, cancel: cancel, buffers: sync.Pool{New: func() any { return new(bytes.Buffer) }}}
 }
 
-// queue is one request's tasks. h.mu guards all but its first two fields.
+// queue is one request's tasks. h.mu guards all but h, method and path.
 type queue struct {
 	h            *Handler
 	method, path string // for log lines
 
-	tasks []func() error // waiting to run, in order, each with its ctx
+	drains int            // h.drains as the request arrived
+	tasks  []func() error // waiting to run, in order, each a closure over its ctx
 	// Either the handler returned, and the tasks may start, or it panicked,
 	// and they are dropped. running: a goroutine runs them, and any added.
 	returned, panicked, running bool
-	drains                      int // h.drains as the request arrived
 }
 
 // tasksKey is the context key under which a Handler stores a request's queue.
@@ -151,14 +151,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	hw.finish()               // 2. Send the whole response, with a Content-Length, and flush it.
 }
 
-// arrive notes in q the Shutdowns that have returned so far, and reports
-// whether MaxPending tasks are pending. A burst of refusals gets one log line:
-// it lasts until a request finds half as many pending, or fewer.
-func (h *Handler) arrive(q *queue) (full bool) {
+// arrive notes h.drains in q, for Add, and reports whether MaxPending tasks
+// are pending. A burst of refusals gets one log line: it lasts until a
+// request finds at most half of MaxPending pending.
+func (h *Handler) arrive(q *queue) bool {
 	h.mu.Lock()
 	q.drains = h.drains
 	full, refusing := h.MaxPending > 0 && h.pending >= h.MaxPending, h.refusing
-	h.refusing = full || refusing && 2*h.pending > h.MaxPending
+	h.refusing = full || (refusing && 2*h.pending > h.MaxPending)
 	h.mu.Unlock()
 	if full && !refusing {
 		h.logger().Warn("background: MaxPending tasks pending; refusing requests with 503", "max", h.MaxPending)
@@ -179,14 +179,14 @@ func (h *Handler) release(q *queue, hw *holdingWriter, r *http.Request) {
 	// handler panicked: it did not finish what it set out to do.
 	h.mu.Lock()
 	q.returned, q.panicked = hw.finished, !hw.finished // step 2 ran only if the handler returned
-	dropped, gaveUp := 0, h.ctx.Err() != nil           // if a Shutdown gave up, its line counted them
+	dropped, gaveUp := 0, h.ctx.Err() != nil
 	if q.panicked {
 		dropped, q.tasks = len(q.tasks), nil
 	}
 	h.doneLocked(dropped)
 	h.startLocked(q)
 	h.mu.Unlock()
-	if dropped > 0 && !gaveUp {
+	if dropped > 0 && !gaveUp { // if a Shutdown gave up, its line counted them
 		h.logger().Warn("background: tasks dropped", "count", dropped, "reason", "the handler panicked", "method", q.method, "path", q.path)
 	}
 }
@@ -276,8 +276,8 @@ func (h *Handler) run(q *queue) {
 	h.mu.Unlock()
 }
 
-// runTask runs task and logs its error or panic. A panic must be recovered
-// here: in a goroutine we started, nothing else would, and it would end the process.
+// runTask runs task and logs its error or panic. It must recover a panic:
+// in a goroutine we started, nothing else would, and it would end the process.
 // A task that returns context.Canceled, wrapped or not, once Shutdown has
 // canceled its ctx is not logged: that Shutdown's line has counted it.
 func (h *Handler) runTask(q *queue, task func() error) {
@@ -336,14 +336,14 @@ func (h *Handler) Shutdown(ctx context.Context) error {
 	case <-ctx.Done():
 	}
 	h.mu.Lock()
-	if h.pending == 0 || h.ctx.Err() != nil { // the tasks finished just as ctx ended, or a Shutdown gave up before
+	if h.drained != drained || h.ctx.Err() != nil { // drained was closed just as ctx ended, or a Shutdown gave up before
 		h.mu.Unlock()
 		return context.Cause(h.ctx)
 	}
 	h.cancel(ctx.Err())
 	unfinished := h.pending
 	h.mu.Unlock()
-	h.logger().Error("background: shutdown deadline passed; running tasks canceled, queued ones dropped", "count", unfinished)
+	h.logger().Error("background: shutdown deadline passed; unfinished tasks canceled or dropped", "count", unfinished)
 	return context.Cause(h.ctx)
 }
 

@@ -1620,7 +1620,7 @@ func TestShutdownSumsUpTheCancellationsItCausesInOneLine(t *testing.T) {
 		}
 		slices.Sort(msgs)
 		want := []string{
-			"background: shutdown deadline passed; running tasks canceled, queued ones dropped <nil>",
+			"background: shutdown deadline passed; unfinished tasks canceled or dropped <nil>",
 			"background: task failed context canceled",
 			"background: task failed mail server said no",
 		}
@@ -1716,7 +1716,7 @@ func TestShutdownRacingRequestsDropsNoTaskWithoutALogLine(t *testing.T) {
 		counted := 0
 		for _, rec := range logs.records(t) {
 			switch rec["msg"] {
-			case "background: tasks dropped", "background: shutdown deadline passed; running tasks canceled, queued ones dropped":
+			case "background: tasks dropped", "background: shutdown deadline passed; unfinished tasks canceled or dropped":
 				counted += int(rec["count"].(float64))
 			}
 		}
