@@ -25,6 +25,7 @@ import (
 	"net/mail"
 	"os"
 	"os/signal"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -182,25 +183,27 @@ func main() {
 	stdout, stderr := newConsole(os.Stdout), newConsole(os.Stderr)
 	log.SetOutput(stderr) // where slog.Default, and so background's lines, and net/http's go
 	signal.Ignore(syscall.SIGPIPE)
-	err := run(*addr, *logPath, *delay, *drain, *maxPending, stdout)
-	flushBy := time.Now().Add(500 * time.Millisecond)
-	if err != nil {
-		stdout.flush(flushBy)
-		stderr.flush(flushBy, "notify: "+err.Error())
-		os.Exit(1)
+	outLast, errLast, code := []string{"Every task finished."}, []string(nil), 0
+	if err := run(*addr, *logPath, *delay, *drain, *maxPending, stdout); err != nil {
+		outLast, errLast, code = nil, []string{"notify: " + err.Error()}, 1
 	}
-	stdout.flush(flushBy, "Every task finished.")
-	stderr.flush(flushBy)
+	// Both at once, so that a stdout nobody reads delays the last line on
+	// stderr by nothing, and the exit by half a second at most.
+	flushBy := time.Now().Add(500 * time.Millisecond)
+	var flushed sync.WaitGroup
+	flushed.Go(func() { stdout.flush(flushBy, outLast...) })
+	flushed.Go(func() { stderr.flush(flushBy, errLast...) })
+	flushed.Wait()
+	os.Exit(code)
 }
 
 // run opens the log file, serves until a signal, and shuts down. It returns
 // nil only if every task queued wrote its line.
 func run(addr, logPath string, delay, drain time.Duration, maxPending int, stdout *console) error {
-	logFile, err := openLog(logPath, stdout)
+	logFile, err := openLog(logPath, stdout) // left open for tasks still running as the process exits
 	if err != nil {
 		return err
 	}
-	defer logFile.file.Close()
 	tasks := background.NewHandler(routes(logFile, delay))
 	tasks.MaxPending = maxPending
 	return serve(newServer(tasks), tasks, addr, drain, logFile, stdout)
@@ -255,7 +258,7 @@ func serve(srv *http.Server, tasks *background.Handler, addr string, drain time.
 	select {
 	case err = <-stopped:
 	case sig := <-signals:
-		return fmt.Errorf("%v again: exiting at once; acknowledged tasks abandoned: %d", sig, logFile.unfinished())
+		return fmt.Errorf("second signal (%v): exiting at once; acknowledged tasks abandoned: %d", sig, logFile.unfinished())
 	}
 	switch unfinished, failed := logFile.unfinished(), logFile.failed.Load(); {
 	case err != nil:
@@ -269,10 +272,12 @@ func serve(srv *http.Server, tasks *background.Handler, addr string, drain time.
 // shutdown stops srv and then waits for tasks, within ctx.
 func shutdown(ctx context.Context, srv *http.Server, tasks *background.Handler) error {
 	// Step 1: stop taking requests, and let the responses in flight finish.
-	// Their tasks are queued by the time each handler returns.
+	// Their tasks are queued by the time each handler returns. A response
+	// not sent by the deadline (a client that sent nothing, or reads
+	// nothing) acknowledged nothing: close its connection, and let the
+	// tasks decide the result.
 	if err := srv.Shutdown(ctx); err != nil {
-		tasks.Shutdown(ctx) // ctx has ended: this drops the queued tasks, with a log line
-		return errors.New("responses still in flight")
+		srv.Close()
 	}
 	// Step 2: http.Server.Shutdown does not wait for the tasks' goroutines,
 	// so wait for them here.

@@ -707,7 +707,7 @@ func TestProgramEndToEnd(t *testing.T) {
 		if code := p.stop(t, syscall.SIGTERM); code != 1 {
 			t.Errorf("exit code = %d, want 1", code)
 		}
-		p.expect(t, p.stderr, "notify: terminated again: exiting at once; acknowledged tasks abandoned: 3")
+		p.expect(t, p.stderr, "notify: second signal (terminated): exiting at once; acknowledged tasks abandoned: 3")
 	})
 
 	t.Run("a stdout nobody reads stalls neither the tasks nor SIGTERM", func(t *testing.T) {
@@ -719,6 +719,32 @@ func TestProgramEndToEnd(t *testing.T) {
 			t.Errorf("exit code = %d, want 0", code)
 		}
 		checkLines(t, p.logged(t), emails)
+	})
+
+	t.Run("a stdout nobody reads keeps the last line from stderr", func(t *testing.T) {
+		p := start(t, bin, "-delay", "200ms", "-drain", "100ms")
+		p.stopReading()
+		sendMany(t, p, 8000) // their lines, printed as each task ends, fill the pipe
+		sendMany(t, p, 1)    // a task still waiting when the drain's deadline passes
+		if code := p.stop(t, syscall.SIGTERM); code != 1 {
+			t.Errorf("exit code = %d, want 1", code)
+		}
+		p.expect(t, p.stderr, "notify: tasks still running after 100ms")
+	})
+
+	t.Run("a client that never sends a request does not fail a clean shutdown", func(t *testing.T) {
+		p := start(t, bin, "-drain", "1s")
+		p.notify(t, "done@example.com")
+		p.expect(t, p.stdout, "Log written: Notification sent to: done@example.com")
+		silent, err := net.Dial("tcp", strings.TrimPrefix(p.url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer silent.Close()
+		if code := p.stop(t, syscall.SIGTERM); code != 0 {
+			t.Errorf("exit code = %d, want 0: every acknowledged line was written", code)
+		}
+		p.expect(t, p.stdout, "Every task finished.")
 	})
 
 	t.Run("a stdout whose reader has gone does not end it", func(t *testing.T) {
