@@ -470,6 +470,15 @@ func (p *process) stop(t testing.TB, sig os.Signal) int {
 	return p.wait(t)
 }
 
+// stopWith sends sig and fails the test unless the process then exits with
+// code want.
+func (p *process) stopWith(t testing.TB, sig os.Signal, want int) {
+	t.Helper()
+	if code := p.stop(t, sig); code != want {
+		t.Errorf("exit code after %v = %d, want %d", sig, code, want)
+	}
+}
+
 // wait waits for the process to exit, and returns its exit code.
 func (p *process) wait(t testing.TB) int {
 	t.Helper()
@@ -554,9 +563,7 @@ func TestProgramEndToEnd(t *testing.T) {
 		if got, want := p.logged(t), "Notification sent to: test@example.com\n"; got != want {
 			t.Errorf("log.txt = %q, want %q", got, want)
 		}
-		if code := p.stop(t, os.Interrupt); code != 0 {
-			t.Errorf("exit code after Ctrl-C = %d, want 0", code)
-		}
+		p.stopWith(t, os.Interrupt, 0)
 	})
 
 	t.Run("response comes before a slow task, and SIGTERM waits for it", func(t *testing.T) {
@@ -567,9 +574,7 @@ func TestProgramEndToEnd(t *testing.T) {
 		if got := p.logged(t); got != "" {
 			t.Fatalf("log.txt = %q when the response arrives: the client waited for the task", got)
 		}
-		if code := p.stop(t, syscall.SIGTERM); code != 0 {
-			t.Errorf("exit code = %d, want 0", code)
-		}
+		p.stopWith(t, syscall.SIGTERM, 0)
 		t.Logf("response after %v, exit after %v", answered, time.Since(sent))
 		if got, want := p.logged(t), "Notification sent to: slow@example.com\n"; got != want {
 			t.Errorf("log.txt = %q, want %q", got, want)
@@ -579,9 +584,7 @@ func TestProgramEndToEnd(t *testing.T) {
 	t.Run("tasks cut off by the drain deadline make it exit 1", func(t *testing.T) {
 		p := start(t, bin, "-delay", "1h", "-drain", "100ms")
 		p.notify(t, "never@example.com")
-		if code := p.stop(t, syscall.SIGTERM); code != 1 {
-			t.Errorf("exit code = %d, want 1", code)
-		}
+		p.stopWith(t, syscall.SIGTERM, 1)
 		p.expect(t, p.stderr, "notify: tasks still running after 100ms; tasks lost unfinished: 1, failed: 0")
 		if got := p.logged(t); got != "" {
 			t.Errorf("log.txt = %q: the canceled task wrote its line", got)
@@ -659,9 +662,7 @@ func TestProgramEndToEnd(t *testing.T) {
 		if refused == 0 {
 			t.Errorf("none of %d requests refused: the limit of %d tasks pending was not kept", requests, limit)
 		}
-		if code := p.stop(t, syscall.SIGTERM); code != 0 {
-			t.Errorf("exit code = %d, want 0", code)
-		}
+		p.stopWith(t, syscall.SIGTERM, 0)
 		checkLines(t, p.logged(t), answered)
 		t.Logf("%d answered, %d refused", len(answered), refused)
 	})
@@ -680,18 +681,14 @@ func TestProgramEndToEnd(t *testing.T) {
 		p := start(t, bin, "-log", "/dev/full")
 		p.notify(t, "first@example.com")
 		p.notify(t, "second@example.com")
-		if code := p.stop(t, syscall.SIGTERM); code != 1 {
-			t.Errorf("exit code = %d, want 1", code)
-		}
+		p.stopWith(t, syscall.SIGTERM, 1)
 		p.expect(t, p.stderr, "notify: tasks failed: 2 of 2; their lines are not in the log file")
 	})
 
 	t.Run("SIGHUP drains like SIGTERM", func(t *testing.T) {
 		p := start(t, bin, "-delay", "100ms")
 		p.notify(t, "hangup@example.com")
-		if code := p.stop(t, syscall.SIGHUP); code != 0 {
-			t.Errorf("exit code = %d, want 0", code)
-		}
+		p.stopWith(t, syscall.SIGHUP, 0)
 		if got, want := p.logged(t), "Notification sent to: hangup@example.com\n"; got != want {
 			t.Errorf("log.txt = %q, want %q", got, want)
 		}
@@ -704,9 +701,7 @@ func TestProgramEndToEnd(t *testing.T) {
 		}
 		p.signal(t, syscall.SIGTERM)
 		p.expect(t, p.stdout, "Shutting down")
-		if code := p.stop(t, syscall.SIGTERM); code != 1 {
-			t.Errorf("exit code = %d, want 1", code)
-		}
+		p.stopWith(t, syscall.SIGTERM, 1)
 		p.expect(t, p.stderr, "notify: second signal (terminated): exiting at once; acknowledged tasks abandoned: 3")
 	})
 
@@ -715,9 +710,7 @@ func TestProgramEndToEnd(t *testing.T) {
 		p.stopReading()
 		// More lines than the pipe and the console's queue hold together.
 		emails := sendMany(t, p, 8000)
-		if code := p.stop(t, syscall.SIGTERM); code != 0 {
-			t.Errorf("exit code = %d, want 0", code)
-		}
+		p.stopWith(t, syscall.SIGTERM, 0)
 		checkLines(t, p.logged(t), emails)
 	})
 
@@ -726,9 +719,7 @@ func TestProgramEndToEnd(t *testing.T) {
 		p.stopReading()
 		sendMany(t, p, 8000) // their lines, printed as each task ends, fill the pipe
 		sendMany(t, p, 1)    // a task still waiting when the drain's deadline passes
-		if code := p.stop(t, syscall.SIGTERM); code != 1 {
-			t.Errorf("exit code = %d, want 1", code)
-		}
+		p.stopWith(t, syscall.SIGTERM, 1)
 		p.expect(t, p.stderr, "notify: tasks still running after 100ms")
 	})
 
@@ -741,9 +732,7 @@ func TestProgramEndToEnd(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer silent.Close()
-		if code := p.stop(t, syscall.SIGTERM); code != 0 {
-			t.Errorf("exit code = %d, want 0: every acknowledged line was written", code)
-		}
+		p.stopWith(t, syscall.SIGTERM, 0)
 		p.expect(t, p.stdout, "Every task finished.")
 	})
 
@@ -752,9 +741,7 @@ func TestProgramEndToEnd(t *testing.T) {
 		p.stopReading()
 		p.stdoutPipe.Close() // writes to stdout now fail with EPIPE, and raise SIGPIPE
 		emails := sendMany(t, p, 100)
-		if code := p.stop(t, syscall.SIGTERM); code != 0 {
-			t.Errorf("exit code = %d, want 0", code)
-		}
+		p.stopWith(t, syscall.SIGTERM, 0)
 		checkLines(t, p.logged(t), emails)
 	})
 
@@ -784,9 +771,7 @@ func TestProgramEndToEnd(t *testing.T) {
 			c.Close()
 		}
 		idle = nil
-		if code := p.stop(t, syscall.SIGTERM); code != 0 {
-			t.Errorf("exit code = %d, want 0", code)
-		}
+		p.stopWith(t, syscall.SIGTERM, 0)
 		checkLines(t, p.logged(t), []string{"before@example.com", "after@example.com"})
 	})
 }
