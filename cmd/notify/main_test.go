@@ -601,7 +601,7 @@ func TestProgramEndToEnd(t *testing.T) {
 	})
 
 	t.Run("bad flags are refused", func(t *testing.T) {
-		for _, args := range [][]string{{"-delay", "-1s"}, {"-drain", "0s"}, {"-log", ""}, {"extra"}} {
+		for _, args := range [][]string{{"-delay", "-1s"}, {"-drain", "0s"}, {"-max-pending", "-1"}, {"-log", ""}, {"extra"}} {
 			out, code := runOnce(t, bin, append([]string{"-addr", "127.0.0.1:0"}, args...)...)
 			if code != 2 || !strings.HasPrefix(out, "notify: ") {
 				t.Errorf("notify %q: exit code %d, output %q; want exit code 2 and a notify: line saying why", args, code, out)
