@@ -13,181 +13,213 @@
 //	srv.Shutdown(ctx)
 //	tasks.Shutdown(ctx)
 //
+// To test a handler, serve a request through a Handler into an
+// httptest.ResponseRecorder, then call Shutdown(context.Background()): it
+// returns once the tasks are done (see Example_testing).
+//
 // The tasks of one request run one at a time, in order, in a goroutine of
-// their own; tasks of different requests run concurrently. [Tasks.Add] says
-// what a task's context is, and what happens when a task or its handler
-// fails. Tasks live in the process's memory: if it dies, or Shutdown gives
-// up, unfinished tasks are lost (the latter with a log line), and nothing is
-// retried. Work that must survive that needs a durable job queue.
+// their own. Tasks of different requests run concurrently. A task's ctx has
+// the request's values, and only Shutdown cancels it. A task's error or panic
+// is logged, and the request's other tasks still run. A handler that panics
+// runs none of its tasks. Tasks live in memory: if the process dies, or
+// Shutdown gives up, unfinished tasks are lost (the latter with a log line).
+// Nothing is retried. Work that must survive that needs a durable job queue.
 //
 // # Differences from net/http
 //
 // A response through a Handler differs from one without it in these ways,
-// most of them because the Handler holds back small bodies (see [Handler]):
-//   - A body written slowly, without Flush, reaches the client only when the
-//     handler returns or passes 64 KiB, and the handler learns late that the
-//     client has gone. Handlers that stream should Flush.
-//   - A body past 64 KiB, or flushed, streams as usual, but its end (the
-//     chunked terminator) leaves as ServeHTTP returns: its tasks may start a
-//     moment before. Over HTTP/2, the end of every stream does.
-//   - Header changes made after WriteHeader are sent while the response is
-//     held back, where net/http would ignore them. Framing set then
-//     (Content-Length, Transfer-Encoding, Trailer) is ignored, as net/http does.
-//   - Over HTTP/1, trailers named with http.TrailerPrefix are dropped from a
-//     held-back body: declare trailers in the Trailer header before writing.
-//   - A HEAD response gets a Content-Length only if the handler sets one.
-//   - A second WriteHeader is ignored without net/http's "superfluous" log
-//     line. A request that says "Expect: 100-continue" gets its 100 Continue
-//     even when the handler reads the body after writing a held-back reply.
-//   - A handler that panics sends none of what it held back: the client sees
-//     the connection close, and Go's http.Transport may then retry an
-//     idempotent request, which runs the handler twice.
-//   - A 413 over HTTP/1 closes the connection, as net/http does when
-//     http.MaxBytesReader trips (which it cannot see through the wrapper). A
-//     handler that answers a too-large body with another status should set
-//     "Connection: close".
+// shortest first. [Handler] lists the wire details that change no code.
+//   - The writer does not implement http.Pusher or http.CloseNotifier.
 //   - Middleware outside the Handler sees neither r.Pattern nor r.PathValue:
 //     the mux sets them on the copy of the request that the Handler passes on.
-//   - The writer does not implement http.Pusher or http.CloseNotifier.
+//   - A body written without Flush reaches the client only when the handler
+//     returns or passes 64 KiB. Handlers that stream should Flush.
+//   - Over HTTP/1, trailers named with http.TrailerPrefix are dropped from a
+//     held-back body. Declare trailers in the Trailer header before writing.
+//   - A response that streams (flushed, past 64 KiB, or with a declared
+//     Trailer) ends as ServeHTTP returns. Its tasks may start a moment before
+//     the client sees that end. Over HTTP/2, every response ends so.
+//   - A 413 over HTTP/1 closes the connection, as net/http does when
+//     http.MaxBytesReader trips. A handler that answers a too-large body with
+//     another status should set "Connection: close" itself.
+//   - A handler that panics sends none of what it held back. The client sees
+//     the connection close, and Go's http.Transport may then retry an
+//     idempotent request, which runs the handler twice.
 package background
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"errors"
 	"log/slog"
 	"net/http"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // Handler is an http.Handler that serves requests with the handler it wraps,
 // and runs the tasks they add once their responses have been sent. Make one
-// with NewHandler, and put it outermost, around the mux and all middleware:
-// only handlers inside it can add tasks. A Handler must not be copied.
+// with NewHandler, put it outermost, around the mux and all middleware, and
+// set its fields before it serves. A Handler must not be copied.
 //
 // The writer the wrapped handler gets holds back a body written without a
-// Content-Length, up to 64 KiB, and sends it with one as the handler returns,
-// then flushes, so that the whole response has been sent before the first
-// task starts. It implements http.Flusher and io.ReaderFrom (through which
-// http.FileServer still uses sendfile), http.Hijacker only if the server's
-// writer does (over HTTP/1, not HTTP/2), and unwraps to the server's writer
-// for http.ResponseController. Each response gets a writer of its own, cut
-// off once the handler has returned: if a task kept it by mistake, Header
-// returns a map that nothing sends, Write returns an error, and WriteHeader
-// and Flush do nothing. The temporary files of a multipart form that the
-// handler parsed are removed then too.
+// Content-Length, up to 64 KiB. It sends it with one as the handler returns,
+// so that the whole response has been sent before the first task starts. It
+// implements http.Flusher, io.ReaderFrom (so http.FileServer still uses
+// sendfile), and http.Hijacker where the server's writer does (over HTTP/1).
+// It unwraps to the server's writer for http.ResponseController. Once the
+// handler has returned, the writer is cut off: if a task kept it by mistake,
+// Write returns an error, and nothing else it does reaches a client.
+//
+// A held-back response differs from net/http's on the wire in ways that
+// change no code. Header changes made after WriteHeader are sent, but for
+// framing. A HEAD response gets a Content-Length only if the handler sets one.
+// A second WriteHeader is not logged. A request that says "Expect:
+// 100-continue" gets its 100 Continue even if the handler reads the body
+// after writing a reply.
 type Handler struct {
-	// Logger receives the Handler's lines: tasks failed, panicked or dropped,
-	// and refusals. If nil, slog.Default() at the moment of logging is used.
+	// Logger receives the Handler's lines: tasks failed or dropped, and
+	// refusals. If nil, slog.Default() at the moment of logging is used.
 	Logger *slog.Logger
 
-	// MaxPending limits the tasks pending (added, not yet finished or
-	// dropped); zero means no limit. At the limit, a new request gets 503
-	// Service Unavailable and "Retry-After: 1" before its handler runs, so it
-	// is not acknowledged. Requests being served, and tasks, may add past it.
+	// MaxPending limits the tasks pending, as Pending counts them; zero means
+	// no limit. At the limit, a new request gets 503 Service Unavailable and
+	// "Retry-After: 1" before its handler runs, so it is not acknowledged.
+	// Requests being served, and tasks, may add past it.
 	MaxPending int
 
 	next    http.Handler
-	buffers sync.Pool               // of *bytes.Buffer, for the held-back bodies
+	buffers sync.Pool               // of *bytes.Buffer, for held-back bodies
 	ctx     context.Context         // the cancellation every task sees
-	cancel  context.CancelCauseFunc // ends ctx, when a Shutdown gives up
+	cancel  context.CancelCauseFunc // ends ctx when a Shutdown gives up
+	idled   atomic.Int64            // times idle was closed; a request notes it as it arrives
 
-	// mu guards these fields and every queue's tasks and state: a task's
-	// start and end change both together.
-	mu       sync.Mutex
-	drained  chan struct{} // closed when pending drops to 0; nil unless a Shutdown waits
-	refusing bool          // since a 503 was logged: one line per burst of them
-	// pending counts the tasks added and not yet finished or dropped, and
-	// drains the times drained was closed, so Add can tell a Shutdown returned.
-	pending, drains int
+	// The rule: no task is lost without a log line. A task that fails is
+	// logged by next or unwound; one that is dropped, by Add or handlerEnded.
+	// A Shutdown that gives up logs one line instead, which counts the tasks
+	// pending then: later drops of those are not logged again.
+	mu       sync.Mutex    // guards the fields below, and each queue's tasks and flags
+	pending  int           // tasks added and not yet finished or dropped
+	idle     chan struct{} // closed when pending drops to 0; nil unless a Shutdown waits
+	refusing bool          // a 503 has been logged, and its burst goes on
 }
 
 // NewHandler returns a Handler that serves requests with next, or with
-// http.DefaultServeMux if next is nil, as http.Server does, and runs the
-// tasks they add.
+// http.DefaultServeMux if next is nil, as http.Server does.
 func NewHandler(next http.Handler) *Handler {
+	if next == nil {
+		next = http.DefaultServeMux
+	}
 	ctx, cancel := context.WithCancelCause(context.Background())
-	next = cmp.Or(next, http.Handler(http.DefaultServeMux))
 	return &Handler{next: next, ctx: ctx, cancel: cancel, buffers: sync.Pool{New: func() any { return new(bytes.Buffer) }}}
 }
 
-// queue is one request's tasks. h.mu guards all but h, method and path.
+// queue is one request's task list. It is also the context of the request
+// that the wrapped handler gets, which carries the queue to FromContext: one
+// allocation where context.WithValue would add a second.
 type queue struct {
-	h            *Handler
-	method, path string // for log lines
+	context.Context // the request's, as the Handler got it
+	h               *Handler
+	own             Tasks  // what FromContext returns for the request's context
+	method, path    string // for log lines
+	idled           int64  // h.idled as the request arrived
 
-	drains int            // h.drains as the request arrived
-	tasks  []func() error // waiting to run, in order, each a closure over its ctx
-	// Either the handler returned, and the tasks may start, or it panicked,
-	// and they are dropped. running: a goroutine runs them, and any added.
+	// h.mu guards the rest.
+	current *Tasks  // the running task's, for its ctx; nil between tasks
+	tasks   []entry // waiting to run, in order
+	// The handler returned, so tasks may start, or panicked, so they are
+	// dropped. running: a goroutine runs them, and any added meanwhile.
 	returned, panicked, running bool
 }
 
-// tasksKey is the context key under which a Handler stores a request's queue.
+// entry is a queued task, and the Tasks it was added through.
+type entry struct {
+	fn    func(ctx context.Context) error
+	tasks *Tasks
+}
+
+// tasksKey is the context key under which a request's queue is found.
 type tasksKey struct{}
+
+// Value makes q the request's context with the queue added.
+func (q *queue) Value(key any) any {
+	if key == (tasksKey{}) {
+		return q
+	}
+	return q.Context.Value(key)
+}
 
 // ServeHTTP serves r with the wrapped handler, sends its whole response, and
 // then starts the request's tasks in a goroutine of their own. If the handler
 // panics, its tasks are dropped and the panic goes on up to net/http.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	q := &queue{h: h, method: r.Method, path: r.URL.Path}
-	if h.arrive(q) { // MaxPending tasks are pending: refuse, before the handler runs
-		w.Header().Set("Retry-After", "1")
-		http.Error(w, "Service Unavailable: too many background tasks pending", http.StatusServiceUnavailable)
+	if h.MaxPending > 0 && h.refuse(w) {
 		return
 	}
-	hw := &holdingWriter{out: w, req: r, buffers: &h.buffers}
-	var out http.ResponseWriter = hw
-	if _, ok := w.(http.Hijacker); ok {
-		out = hijackingWriter{hw} // hw, but a Hijacker too, as w is (over HTTP/1, not HTTP/2)
+	if r.Trailer == nil && r.TransferEncoding != nil { // chunked, so it may end with trailers
+		r.Trailer = make(http.Header) // net/http fills this in on its own request: the copy shares it
 	}
-	r2 := r.WithContext(context.WithValue(r.Context(), tasksKey{}, q))
+	q := &queue{Context: r.Context(), h: h, method: r.Method, path: r.URL.Path, idled: h.idled.Load()}
+	q.own = Tasks{q, q}
+	r2, hw := r.WithContext(q), &holdingWriter{server: w, req: r, buffers: &h.buffers}
+
 	// A request's life has four steps. Steps 3 and 4 are deferred, so that
 	// they happen even if the handler panics, which skips step 2.
-	defer h.release(q, hw, r2)
-	h.next.ServeHTTP(out, r2) // 1. Serve into hw, which holds the response back.
-	hw.finish()               // 2. Send the whole response, with a Content-Length, and flush it.
+	returned := false
+	defer func() {
+		// 3. Cut hw off: net/http reuses its writer once ServeHTTP returns,
+		// and a task may have kept hw. Remove uploads, as net/http does.
+		hw.detach()
+		if r2.MultipartForm != nil {
+			r2.MultipartForm.RemoveAll()
+		}
+		q.handlerEnded(returned) // 4. Start the tasks, or drop them.
+	}()
+	h.next.ServeHTTP(hw.forHandler(), r2) // 1. Serve into hw, which holds the response back.
+	returned = true
+	hw.finish() // 2. Send the whole response, with a Content-Length, and flush it.
 }
 
-// arrive notes h.drains in q, for Add, and reports whether MaxPending tasks
-// are pending. A burst of refusals gets one log line: it lasts until a
-// request finds at most half of MaxPending pending.
-func (h *Handler) arrive(q *queue) bool {
+// refuse answers 503 if MaxPending tasks are pending, before the handler
+// can acknowledge anything, and reports whether it did. A burst of refusals
+// gets one log line. It lasts until a request finds at most half of
+// MaxPending pending.
+func (h *Handler) refuse(w http.ResponseWriter) bool {
 	h.mu.Lock()
-	q.drains = h.drains
-	full, refusing := h.MaxPending > 0 && h.pending >= h.MaxPending, h.refusing
-	h.refusing = full || (refusing && 2*h.pending > h.MaxPending)
+	full, wasRefusing := h.pending >= h.MaxPending, h.refusing
+	h.refusing = full || (wasRefusing && 2*h.pending > h.MaxPending)
 	h.mu.Unlock()
-	if full && !refusing {
+	if full && !wasRefusing {
 		h.logger().Warn("background: MaxPending tasks pending; refusing requests with 503", "max", h.MaxPending)
+	}
+	if full {
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "Service Unavailable: too many background tasks pending", http.StatusServiceUnavailable)
 	}
 	return full
 }
 
-// release ends the handler's part in a request, once it has returned or
-// panicked.
-func (h *Handler) release(q *queue, hw *holdingWriter, r *http.Request) {
-	// 3. Cut hw off from the response: net/http reuses its own writer once
-	// ServeHTTP returns, and a task may have kept hw.
-	hw.detach()
-	if r.MultipartForm != nil {
-		r.MultipartForm.RemoveAll() // net/http removes the files of its own request only
-	}
-	// 4. Start the tasks in a goroutine of their own, or drop them if the
-	// handler panicked: it did not finish what it set out to do.
+// handlerEnded starts q's tasks if the handler returned. If it panicked, it
+// did not finish what it set out to do: its tasks are dropped, and any added
+// later too.
+func (q *queue) handlerEnded(returned bool) {
+	h := q.h
 	h.mu.Lock()
-	q.returned, q.panicked = hw.finished, !hw.finished // step 2 ran only if the handler returned
-	dropped, gaveUp := 0, h.ctx.Err() != nil
-	if q.panicked {
-		dropped, q.tasks = len(q.tasks), nil
+	q.returned, q.panicked = returned, !returned
+	q.startLocked()
+	dropped := q.tasks
+	if returned || h.ctx.Err() != nil { // a Shutdown that gave up has counted them
+		dropped = nil
 	}
-	h.doneLocked(dropped)
-	h.startLocked(q)
+	if q.panicked {
+		h.doneLocked(len(q.tasks))
+		q.tasks = nil
+	}
 	h.mu.Unlock()
-	if dropped > 0 && !gaveUp { // if a Shutdown gave up, its line counted them
-		h.logger().Warn("background: tasks dropped", "count", dropped, "reason", "the handler panicked", "method", q.method, "path", q.path)
+	for _, e := range dropped {
+		h.log(e.tasks, slog.LevelWarn, "background: task dropped", "reason", "the handler panicked")
 	}
 }
 
@@ -195,34 +227,43 @@ func (h *Handler) release(q *queue, hw *holdingWriter, r *http.Request) {
 // ctx gives the values that tasks added through it see. A nil or zero Tasks
 // panics on Add. It is safe for concurrent use.
 type Tasks struct {
-	q   *queue
-	ctx taskContext // what its tasks run with
+	q      *queue
+	values context.Context // the ctx given to FromContext
 }
 
 // FromContext returns the task list of the request that ctx belongs to, or
 // nil if that request is not served through a [Handler]. Tasks added through
 // the result see the values of ctx.
 func FromContext(ctx context.Context) *Tasks {
-	if q, ok := ctx.Value(tasksKey{}).(*queue); ok {
-		return &Tasks{q: q, ctx: taskContext{Context: q.h.ctx, values: context.WithoutCancel(ctx)}}
+	q, ok := ctx.Value(tasksKey{}).(*queue)
+	switch {
+	case !ok:
+		return nil
+	case ctx == q: // the request's own context, as most handlers pass
+		return &q.own
 	}
-	return nil
+	return &Tasks{q, ctx}
 }
 
+// ctx returns the context that tasks added through t run with, at no cost:
+// see taskContext.
+func (t *Tasks) ctx() context.Context { return (*taskContext)(t) }
+
 // Add queues task to run after the response has been sent, and after the
-// request's tasks added before it. Add is safe to call from any goroutine,
-// and from a running task through FromContext on the task's ctx.
+// request's tasks added before it. It may be called from any goroutine, and
+// from a running task, through FromContext on the task's ctx.
 //
 // The task's ctx has the values of the context given to FromContext, but it
 // is canceled only when [Handler.Shutdown] gives up. The task should capture
-// what it needs from the request, not r, w or w.Header(): once the handler has
-// returned, w is cut off, uploaded files are removed, and net/http may still
-// be reading the header map.
+// what it needs from the request, not r, w or w.Header(). Once the handler
+// has returned, w is cut off, uploaded files are removed, and net/http may
+// still be reading the header map.
 //
-// A task's error, or its panic with the stack, is logged with the request's
-// method and path, and the request's other tasks still run. They run after an
-// error status too: only a panicking handler drops its tasks, with a log line.
-// So add tasks once the checks that can fail have passed.
+// A task's error or panic is logged with the task's ctx and the request's
+// method and path, and so is a runtime.Goexit (which t.FailNow calls). The
+// request's other tasks still run. They run after an error status too: only
+// a panicking handler drops its tasks. So add tasks once the checks that can
+// fail have passed.
 //
 // A task added after the request's other tasks have finished still runs,
 // and Shutdown waits for it. Add panics if t is nil (the request was not
@@ -232,137 +273,189 @@ func (t *Tasks) Add(task func(ctx context.Context) error) {
 		panic("background: Add on a nil Tasks (FromContext returns nil unless the request is served through background.NewHandler), or with a nil task")
 	}
 	q, h := t.q, t.q.h
+	dropped := ""
 	h.mu.Lock()
-	gaveUp, panicked, unwaited := h.ctx.Err() != nil, q.panicked, q.drains != h.drains
-	if !gaveUp && !panicked {
-		q.tasks = append(q.tasks, func() error { return task(&t.ctx) })
+	switch {
+	case h.ctx.Err() != nil:
+		dropped = "Shutdown's deadline has passed"
+	case q.panicked:
+		dropped = "the handler panicked"
+	default:
+		q.tasks = append(q.tasks, entry{task, t})
 		h.pending++
-		h.startLocked(q)
+		q.startLocked()
 	}
 	h.mu.Unlock()
-	if gaveUp {
-		h.logger().Warn("background: tasks dropped", "count", 1, "reason", "Shutdown's deadline has passed", "method", q.method, "path", q.path)
-	} else if panicked {
-		h.logger().Warn("background: tasks dropped", "count", 1, "reason", "the handler panicked", "method", q.method, "path", q.path)
-	} else if unwaited { // a Shutdown returned since the request arrived, without waiting for task
-		h.logger().Warn("background: task added after Shutdown returned; it runs unwaited", "method", q.method, "path", q.path)
+	if dropped != "" {
+		h.log(t, slog.LevelWarn, "background: task dropped", "reason", dropped)
+	} else if q.idled != h.idled.Load() { // a Shutdown returned since the request arrived
+		h.log(t, slog.LevelWarn, "background: task added after Shutdown returned; it runs unwaited")
 	}
 }
 
 // startLocked starts a goroutine to run q's tasks, if there are some and none
 // runs yet; h.mu must be held. It keeps the connection free: net/http reads a
 // keep-alive connection's next request only once ServeHTTP has returned.
-func (h *Handler) startLocked(q *queue) {
+func (q *queue) startLocked() {
 	if q.returned && !q.running && len(q.tasks) > 0 {
 		q.running = true
-		go h.run(q)
+		go q.run()
 	}
 }
 
-// run runs q's tasks one at a time until none is left, or until a Shutdown
-// gives up: then it drops the rest, which that Shutdown's line has counted.
-func (h *Handler) run(q *queue) {
+// run runs q's tasks one at a time, until none is left. Its frame is all
+// that it adds to a pending task's stack, and it keeps no task alive.
+func (q *queue) run() {
+	returned := false
+	defer q.unwound(&returned)
+	fn := q.next(nil)
+	for fn != nil {
+		fn = q.next(fn(q.current.ctx()))
+	}
+	returned = true
+}
+
+// unwound is deferred by run. If run did not return, the current task
+// panicked, which unwound must recover (in a goroutine we started, nothing
+// else would, and it would end the process), or it called runtime.Goexit,
+// as t.FailNow does. Either way this goroutine ends: unwound logs why, and
+// hands q to another.
+func (q *queue) unwound(returned *bool) {
+	if *returned {
+		return
+	}
+	if v := recover(); v != nil {
+		q.h.log(q.current, slog.LevelError, "background: task panicked", "panic", v, "stack", string(debug.Stack()))
+	} else {
+		q.h.log(q.current, slog.LevelError, "background: task called runtime.Goexit")
+	}
+	go q.run()
+}
+
+// next ends the current task, if any: it logs err, unless that is
+// context.Canceled once a Shutdown has given up, and counts the task done.
+// Then it takes q's next task. It returns nil if none is left, or if a
+// Shutdown gave up: then it drops the rest, which that Shutdown counted.
+func (q *queue) next(err error) func(ctx context.Context) error {
+	h := q.h
+	if err != nil && (!errors.Is(err, context.Canceled) || h.ctx.Err() == nil) {
+		h.log(q.current, slog.LevelError, "background: task failed", "err", err)
+	}
 	h.mu.Lock()
-	for len(q.tasks) > 0 && h.ctx.Err() == nil {
-		task := q.tasks[0]
-		q.tasks = q.tasks[1:]
-		h.mu.Unlock()
-		h.runTask(q, task)
-		h.mu.Lock()
+	defer h.mu.Unlock()
+	if q.current != nil {
 		h.doneLocked(1)
 	}
-	h.doneLocked(len(q.tasks)) // left by a Shutdown that gave up, and counted them
-	q.tasks, q.running = nil, false
-	h.mu.Unlock()
+	if len(q.tasks) == 0 || h.ctx.Err() != nil {
+		h.doneLocked(len(q.tasks))
+		q.tasks, q.current, q.running = nil, nil, false
+		return nil
+	}
+	e := q.tasks[0]
+	q.tasks[0] = entry{} // so that the array keeps no finished task alive
+	if q.tasks = q.tasks[1:]; len(q.tasks) == 0 {
+		q.tasks = nil // nor is kept alive itself while e runs
+	}
+	q.current = e.tasks
+	return e.fn
 }
 
-// runTask runs task and logs its error or panic. It must recover a panic:
-// in a goroutine we started, nothing else would, and it would end the process.
-// A task that returns context.Canceled, wrapped or not, once Shutdown has
-// canceled its ctx is not logged: that Shutdown's line has counted it.
-func (h *Handler) runTask(q *queue, task func() error) {
-	defer func() {
-		if v := recover(); v != nil {
-			h.logger().Error("background: task panicked", "method", q.method, "path", q.path, "panic", v, "stack", string(debug.Stack()))
-		}
-	}()
-	if err := task(); err != nil && !(errors.Is(err, context.Canceled) && h.ctx.Err() != nil) {
-		h.logger().Error("background: task failed", "method", q.method, "path", q.path, "err", err)
+// log logs msg about a task added through t with the task's ctx, so that a
+// slog.Handler can add what the ctx carries, such as a trace ID, and with
+// its request's method and path.
+func (h *Handler) log(t *Tasks, level slog.Level, msg string, args ...any) {
+	h.logger().Log(t.ctx(), level, msg, append([]any{"method", t.q.method, "path", t.q.path}, args...)...)
+}
+
+func (h *Handler) logger() *slog.Logger {
+	if h.Logger != nil {
+		return h.Logger
 	}
+	return slog.Default()
 }
 
 // doneLocked records that n tasks have finished or been dropped, and wakes
 // the waiting Shutdowns once none is pending. h.mu must be held.
 func (h *Handler) doneLocked(n int) {
 	h.pending -= n
-	if h.pending == 0 && h.drained != nil {
-		h.drains++
-		close(h.drained)
-		h.drained = nil
+	if h.pending == 0 && h.idle != nil {
+		close(h.idle)
+		h.idle = nil
+		h.idled.Add(1)
 	}
 }
 
-func (h *Handler) logger() *slog.Logger { return cmp.Or(h.Logger, slog.Default()) }
+// Pending returns how many tasks have been added and not yet finished or
+// dropped, for a metrics endpoint or a shutdown message. It is the count
+// that MaxPending limits.
+func (h *Handler) Pending() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.pending
+}
 
 // Shutdown waits for every queued and running task, including those that
-// requests in flight add meanwhile, and returns nil once none is left. If ctx
-// ends first, Shutdown gives up: it cancels the running tasks' ctx, drops the
-// queued tasks, logs one line that counts them, and returns ctx.Err(). A
-// running task then sees its ctx.Err() become context.Canceled; if it returns
-// that error, wrapped or not, it is not logged again. From then on, every
-// task added is dropped with a log line, and every Shutdown returns that
-// first error.
+// requests in flight add meanwhile, and returns nil once none is left. A
+// task that calls Shutdown waits for itself. Once Shutdown has returned nil,
+// what the tasks wrote can be read without a data race.
+//
+// If ctx ends first, Shutdown gives up: it cancels the running tasks' ctx,
+// drops the queued ones, logs one line that counts them, and returns
+// ctx.Err(). A task that then returns context.Canceled, wrapped or not, is
+// not logged again. From then on, every task added is dropped with a log
+// line, and every Shutdown returns that first error.
 //
 // http.Server.Shutdown does not wait for the goroutines that run tasks, so
 // stopping takes two steps: first http.Server.Shutdown, which stops new
-// requests and lets the responses in flight finish, then this, which waits
-// for the tasks they queued. A task added after a Shutdown returned (by a
-// goroutine that http.TimeoutHandler left behind, for example) still runs,
-// and is logged, since that Shutdown did not wait for it.
-//
-// Shutdown may be called more than once, and concurrently with requests. As
-// long as none has given up, the Handler goes on working afterwards: in a
-// test, Shutdown(context.Background()) waits for the tasks so far.
+// requests and lets the responses in flight finish, then this. A task added
+// after a Shutdown returned (by a goroutine that http.TimeoutHandler left
+// behind, say) still runs, with a log line, since Shutdown did not wait for
+// it. Shutdown may be called more than once, and concurrently with requests.
+// Until one gives up, the Handler goes on working afterwards.
 func (h *Handler) Shutdown(ctx context.Context) error {
 	h.mu.Lock()
-	h.drained = cmp.Or(h.drained, make(chan struct{})) // the channel all waiting Shutdowns share, made by the first
-	drained := h.drained
-	h.doneLocked(0) // closes it at once if no task is pending
+	if h.idle == nil {
+		h.idle = make(chan struct{}) // shared by every Shutdown that waits
+	}
+	idle := h.idle
+	h.doneLocked(0) // closes idle at once if no task is pending
 	h.mu.Unlock()
 
 	select {
-	case <-drained:
+	case <-idle:
 		return context.Cause(h.ctx) // nil unless a Shutdown gave up
 	case <-ctx.Done():
 	}
 	h.mu.Lock()
-	if h.drained != drained || h.ctx.Err() != nil { // drained was closed just as ctx ended, or a Shutdown gave up before
-		h.mu.Unlock()
-		return context.Cause(h.ctx)
+	// Give up, unless idle closed just as ctx ended, or another Shutdown has.
+	giveUp := h.idle == idle && h.ctx.Err() == nil
+	if giveUp {
+		h.cancel(ctx.Err())
 	}
-	h.cancel(ctx.Err())
 	unfinished := h.pending
 	h.mu.Unlock()
-	h.logger().Error("background: shutdown deadline passed; unfinished tasks canceled or dropped", "count", unfinished)
+	if giveUp {
+		h.logger().ErrorContext(ctx, "background: shutdown deadline passed; unfinished tasks canceled or dropped", "count", unfinished)
+	}
 	return context.Cause(h.ctx)
 }
 
-// taskContext is the context a task runs with: the values of the context
-// given to FromContext, with the cancellation of its Handler. It cannot be
-// the request's context, which net/http cancels as ServeHTTP returns, just as
-// the tasks start.
-type taskContext struct {
-	context.Context                 // the Handler's: Deadline, Done and Err
-	values          context.Context // the request's, through WithoutCancel
+// taskContext is a Tasks seen as the context its tasks run with: the values
+// of the ctx given to FromContext, with the Handler's cancellation. It cannot
+// be the request's context, which net/http cancels as ServeHTTP returns, just
+// as the tasks start.
+type taskContext Tasks
+
+func (c *taskContext) Deadline() (time.Time, bool) { return time.Time{}, false }
+func (c *taskContext) Done() <-chan struct{}       { return c.q.h.ctx.Done() }
+func (c *taskContext) Err() error                  { return c.q.h.ctx.Err() }
+
+// Value asks the Handler's context first. It answers only the key through
+// which context.Cause, and the contexts derived from this one, find its
+// cancellation: so deriving starts no goroutine, however many layers deep.
+func (c *taskContext) Value(key any) any {
+	if v := c.q.h.ctx.Value(key); v != nil {
+		return v
+	}
+	return c.values.Value(key)
 }
-
-// AfterFunc lets a context derived from the task's ctx (by WithTimeout, say)
-// register with the Handler's cancellation. Without it, the context package
-// could not see the cancelable context inside this one, and would start a
-// goroutine for each derived context, to watch Done.
-func (c *taskContext) AfterFunc(f func()) (stop func() bool) { return context.AfterFunc(c.Context, f) }
-
-// Value looks key up in the request's context. That context went through
-// WithoutCancel, so that its cancellation cannot leak out through Value
-// either: context.Cause, for one, looks there.
-func (c *taskContext) Value(key any) any { return c.values.Value(key) }

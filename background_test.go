@@ -719,6 +719,15 @@ func TestResponseIsCompleteOnTheWireBeforeTaskStarts(t *testing.T) {
 			w.(http.Flusher).Flush()
 			io.WriteString(w, "second")
 		}, "first second", true},
+		{"Transfer-Encoding: chunked set before writing", "GET", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Transfer-Encoding", "chunked")
+			io.WriteString(w, "hello")
+		}, "hello", false},
+		{"Trailer declared, which no Content-Length can carry", "GET", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Trailer", "X-Checksum")
+			io.WriteString(w, "hello")
+			w.Header().Set("X-Checksum", "5d41402a")
+		}, "hello", true},
 	}
 	run(t, func(t *testing.T, p proto) {
 		for _, tc := range cases {
@@ -1137,47 +1146,48 @@ func TestContextOfTaskHasValuesButOnlyShutdownCancelsIt(t *testing.T) {
 	})
 }
 
+// Real tasks add a logger, a span or a request ID to their ctx before they
+// derive a timeout from it, so half the contexts here go through such a layer.
 func TestContextDerivedFromTaskContextStartsNoGoroutineAndSeesShutdown(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		const derived = 300
-		goroutines := make(chan int, 1) // how many the derived contexts added
-		errs := make(chan error, 1)
-		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			addTask(r, func(ctx context.Context) error {
-				before := runtime.NumGoroutine()
-				var ctxs []context.Context
-				for i := range derived {
-					derive := context.WithCancel
-					if i%2 == 0 {
-						derive = func(ctx context.Context) (context.Context, context.CancelFunc) {
-							return context.WithTimeout(ctx, time.Hour)
-						}
-					}
-					c, cancel := derive(ctx)
-					defer cancel()
-					ctxs = append(ctxs, c)
+	const derived = 400
+	goroutines := make(chan int, 1) // how many the derived contexts added
+	errs := make(chan error, 1)
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(ctx context.Context) error {
+			before := runtime.NumGoroutine()
+			var ctxs []context.Context
+			for i := range derived {
+				parent := ctx
+				if i%2 == 0 {
+					parent = context.WithValue(ctx, ctxKey("span"), i)
 				}
-				goroutines <- runtime.NumGoroutine() - before
-				<-ctx.Done() // Shutdown has given up
-				for i, c := range ctxs {
-					if _, ok := receive(c.Done()); !ok {
-						errs <- fmt.Errorf("derived context %d was not canceled with the task's", i)
-						return nil
-					}
+				c, cancel := context.WithCancel(parent)
+				if i%4 < 2 {
+					c, cancel = context.WithTimeout(parent, time.Hour)
 				}
-				errs <- nil
-				return nil
-			})
+				defer cancel()
+				ctxs = append(ctxs, c)
+			}
+			goroutines <- runtime.NumGoroutine() - before
+			<-ctx.Done() // Shutdown has given up
+			for i, c := range ctxs {
+				if _, ok := receive(c.Done()); !ok {
+					errs <- fmt.Errorf("derived context %d was not canceled with the task's", i)
+					return nil
+				}
+			}
+			errs <- nil
+			return nil
 		})
-		get(t, srv.Client(), srv.URL)
-		if n := await(t, goroutines, "the task"); n > derived/10 {
-			t.Errorf("%d contexts derived from the task's ctx started %d goroutines; want next to none", derived, n)
-		}
-		h.Shutdown(expired())
-		if err := await(t, errs, "the task to see its derived contexts end"); err != nil {
-			t.Error(err)
-		}
 	})
+	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
+	if n := await(t, goroutines, "the task"); n > derived/10 {
+		t.Errorf("%d contexts derived from the task's ctx started %d goroutines; want next to none", derived, n)
+	}
+	h.Shutdown(expired())
+	if err := await(t, errs, "the task to see its derived contexts end"); err != nil {
+		t.Error(err)
+	}
 }
 
 // --- 5. TestFailure…: failures are logged, and the rest still run ---
@@ -1289,6 +1299,76 @@ func TestFailureLogLineThatBlocksHoldsUpNoOtherTask(t *testing.T) {
 	shutdown(t, h)
 }
 
+// t.FailNow, t.Fatal and testify's require end a task with runtime.Goexit
+// when a test's fake calls them: the request's next task must still run,
+// and Shutdown must not wait for the one that exited.
+func TestFailureGoexitIsLoggedAndTheRestStillRun(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		next := make(chan struct{})
+		h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+			addTask(r, func(context.Context) error { runtime.Goexit(); return nil })
+			addTask(r, func(context.Context) error { close(next); return nil })
+		})
+		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("POST", "/jobs", nil))
+		if err := h.Shutdown(context.Background()); err != nil {
+			t.Fatalf("Shutdown = %v, want nil", err)
+		}
+		if _, ok := receive(next); !ok {
+			t.Error("the task after the one that called runtime.Goexit did not run")
+		}
+		if rec := logs.find(t, "Goexit"); rec == nil || rec["level"] != "ERROR" || rec["path"] != "/jobs" {
+			t.Errorf("the exit was logged as %v; want an error naming /jobs", rec)
+		}
+	})
+}
+
+// requestIDs is a slog.Handler that adds the request ID that a record's
+// context carries, as a tracing handler adds a trace ID.
+type requestIDs struct{ slog.Handler }
+
+func (h requestIDs) Handle(ctx context.Context, rec slog.Record) error {
+	if id, ok := ctx.Value(ctxKey("request-id")).(string); ok {
+		rec.AddAttrs(slog.String("request_id", id))
+	}
+	return h.Handler.Handle(ctx, rec)
+}
+
+func TestFailureLinesCarryTheTasksContext(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+			ctx := context.WithValue(r.Context(), ctxKey("request-id"), r.URL.Path) // middleware, say
+			tasks := background.FromContext(ctx)
+			tasks.Add(func(context.Context) error { return errors.New("mail server said no") })
+			tasks.Add(func(context.Context) error { panic("task blew up") })
+			tasks.Add(func(context.Context) error { runtime.Goexit(); return nil })
+			if r.URL.Path == "/" { // panicOf's request: its three tasks are dropped
+				panic("handler blew up")
+			}
+		})
+		h.Logger = slog.New(requestIDs{h.Logger.Handler()})
+		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/runs", nil))
+		panicOf(h)
+		h.Shutdown(context.Background())
+
+		var lines []string
+		for _, rec := range logs.records(t) {
+			lines = append(lines, fmt.Sprintf("%s %v", rec["msg"], rec["request_id"]))
+		}
+		slices.Sort(lines)
+		want := []string{
+			"background: task called runtime.Goexit /runs",
+			"background: task dropped /",
+			"background: task dropped /",
+			"background: task dropped /",
+			"background: task failed /runs",
+			"background: task panicked /runs",
+		}
+		if !slices.Equal(lines, want) {
+			t.Errorf("log lines and their request IDs:\n%s\nwant:\n%s", strings.Join(lines, "\n"), strings.Join(want, "\n"))
+		}
+	})
+}
+
 // --- 6. TestPanic…: a panicking handler runs no tasks ---
 
 func TestPanicInHandlerRunsNoTasks(t *testing.T) {
@@ -1328,8 +1408,8 @@ func TestPanicInHandlerRunsNoTasks(t *testing.T) {
 				if ran.Load() {
 					t.Error("a task of a panicking handler ran")
 				}
-				if rec := logs.find(t, "dropped"); rec == nil || rec["count"] != 1.0 || rec["reason"] != "the handler panicked" {
-					t.Errorf("dropped tasks logged as %v; want a count of 1, because the handler panicked", rec)
+				if n, rec := strings.Count(logs.String(), "task dropped"), logs.find(t, "task dropped"); n != 1 || rec["reason"] != "the handler panicked" {
+					t.Errorf("%d lines of dropped tasks, the first %v; want one, because the handler panicked", n, rec)
 				}
 				if !srv.errorLog.waitFor("handler blew up") { // over HTTP/2, net/http logs it after resetting the stream
 					t.Errorf("net/http did not log the panic; its log: %q", srv.errorLog)
@@ -1512,7 +1592,7 @@ func TestShutdownDeadlinePassedDropsLaterTasksWithALogLine(t *testing.T) {
 		if ran.Load() {
 			t.Error("a task added after Shutdown's deadline ran")
 		}
-		if rec := logs.find(t, "tasks dropped"); rec == nil || rec["path"] != "/late" {
+		if rec := logs.find(t, "task dropped"); rec == nil || rec["path"] != "/late" {
 			t.Errorf("dropped task logged as %v; want a record naming /late", rec)
 		}
 	})
@@ -1716,7 +1796,9 @@ func TestShutdownRacingRequestsDropsNoTaskWithoutALogLine(t *testing.T) {
 		counted := 0
 		for _, rec := range logs.records(t) {
 			switch rec["msg"] {
-			case "background: tasks dropped", "background: shutdown deadline passed; unfinished tasks canceled or dropped":
+			case "background: task dropped":
+				counted++
+			case "background: shutdown deadline passed; unfinished tasks canceled or dropped":
 				counted += int(rec["count"].(float64))
 			}
 		}
@@ -1772,6 +1854,36 @@ func TestLimitRefusesWith503AndRetryAfterDropsNothingAndAcceptsAgain(t *testing.
 		shutdown(t, h)
 		if n := finished.Load(); n != limit+1 {
 			t.Errorf("%d tasks finished; want %d, one for each accepted request", n, limit+1)
+		}
+	})
+}
+
+func TestLimitPendingCountsTasksAddedAndNotYetFinishedOrDropped(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newGate()
+		h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+			addTask(r, g.task)
+			addTask(r, func(context.Context) error { return nil })
+			if r.URL.Path == "/" { // panicOf's request: its tasks are dropped
+				panic("handler blew up")
+			}
+		})
+		if n := h.Pending(); n != 0 {
+			t.Errorf("Pending before any request = %d, want 0", n)
+		}
+		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/runs", nil))
+		synctest.Wait() // the first task has started, and blocks
+		if n := h.Pending(); n != 2 {
+			t.Errorf("Pending with a task running and one queued = %d, want 2", n)
+		}
+		panicOf(h)
+		if n := h.Pending(); n != 2 {
+			t.Errorf("Pending after a panicking handler's two tasks were dropped = %d, want 2 still", n)
+		}
+		g.open()
+		h.Shutdown(context.Background())
+		if n := h.Pending(); n != 0 {
+			t.Errorf("Pending once Shutdown has returned = %d, want 0", n)
 		}
 	})
 }
@@ -1914,6 +2026,42 @@ func TestWriterHijackHandsOverTheConnectionAndTasksStillRun(t *testing.T) {
 		srv.Close()
 		if s := srv.errorLog.String(); s != "" {
 			t.Errorf("the wrapper wrote to the hijacked connection; net/http said: %s", s)
+		}
+	}, http1)
+}
+
+// A handler that tunnels a connection may keep one http.ResponseController
+// for its whole life, and set deadlines through it after Hijack.
+func TestWriterDeadlinesStillApplyAfterHijack(t *testing.T) {
+	run(t, func(t *testing.T, p proto) {
+		results := make(chan string, 1)
+		handler := func(w http.ResponseWriter, r *http.Request) {
+			rc := http.NewResponseController(w)
+			conn, _, err := rc.Hijack()
+			if err != nil {
+				results <- "Hijack: " + err.Error()
+				return
+			}
+			defer conn.Close()
+			writeErr := rc.SetWriteDeadline(time.Now().Add(failSafe))
+			readErr := rc.SetReadDeadline(time.Now()) // passed: the next Read fails at once
+			if readErr == nil {
+				_, err = conn.Read(make([]byte, 1))
+			}
+			results <- fmt.Sprintf("SetReadDeadline: %v, SetWriteDeadline: %v, Read timed out: %v",
+				readErr, writeErr, errors.Is(err, os.ErrDeadlineExceeded))
+		}
+		want := "SetReadDeadline: <nil>, SetWriteDeadline: <nil>, Read timed out: true"
+		exchange := func(srv *testServer) string {
+			io.WriteString(dial(t, srv), "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+			return await(t, results, "the handler")
+		}
+		if bare := exchange(serve(t, p, http.HandlerFunc(handler))); bare != want {
+			t.Skipf("premise: net/http's own writer, hijacked, gives %q", bare)
+		}
+		h, _ := wrap(t, handler)
+		if got := exchange(serve(t, p, h)); got != want {
+			t.Errorf("through the wrapper: %q; want %q", got, want)
 		}
 	}, http1)
 }
@@ -2167,6 +2315,31 @@ func TestMuxUploadedFilesAreRemovedBeforeTasksStart(t *testing.T) {
 	})
 }
 
+// net/http fills in r.Trailer once the body has been read, on the request it
+// made: an upload's checksum or signature, sent as a trailer, must reach the
+// handler's copy too, whether the client declared it or not.
+func TestMuxRequestTrailersReachTheHandler(t *testing.T) {
+	run(t, func(t *testing.T, p proto) {
+		handler := func(w http.ResponseWriter, r *http.Request) {
+			io.Copy(io.Discard, r.Body)
+			io.WriteString(w, "checksum "+r.Trailer.Get("X-Checksum"))
+		}
+		h, _ := wrap(t, handler)
+		bare, wrapped := serve(t, p, http.HandlerFunc(handler)), serve(t, p, h)
+		for _, declared := range []string{"", "Trailer: X-Checksum\r\n"} {
+			request := "POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n" + declared +
+				"\r\n4\r\nbody\r\n0\r\nX-Checksum: 5d41402a\r\n\r\n"
+			const want = "\r\n\r\nchecksum 5d41402a"
+			if got := rawExchange(t, bare, request); !strings.HasSuffix(got, want) {
+				t.Skipf("premise: net/http hands the trailer to its handler; it answered %q", got)
+			}
+			if got := rawExchange(t, wrapped, request); !strings.HasSuffix(got, want) {
+				t.Errorf("with %q, the handler answered %q through the wrapper; want it to see the trailer", declared, got)
+			}
+		}
+	}, http1)
+}
+
 func TestMuxTooLargeResponseKeepsAnHTTP2Connection(t *testing.T) {
 	run(t, func(t *testing.T, p proto) {
 		srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
@@ -2350,6 +2523,10 @@ func TestTransparentResponseIsTheSameWithOrWithoutWrapper(t *testing.T) {
 		{"/content-length-after-write", func(w http.ResponseWriter, r *http.Request) {
 			io.WriteString(w, "longer than five")
 			w.Header().Set("Content-Length", "5")
+		}},
+		{"/chunked-unsniffed", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Transfer-Encoding", "chunked") // over HTTP/1, net/http then sniffs no Content-Type
+			io.WriteString(w, "<!DOCTYPE html><title>hi</title>")
 		}},
 		{"/chunked-after-write-header", func(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(http.StatusOK)
@@ -2657,13 +2834,13 @@ func benchmarkServe(b *testing.B, h http.Handler) {
 }
 
 // BenchmarkHandler calls ServeHTTP directly, with a writer that discards
-// everything, to count what the wrapper allocates. A wrapped request makes:
-// the copy of the request that carries the task list (r.WithContext, as
-// net/http asks of wrappers), the context.WithValue inside it, the queue, the
-// response writer (new for each response, since a handler can keep it), the
-// Content-Length's value, and the stand-in writer's header map. A task adds
-// the Tasks that FromContext returns, its context.WithoutCancel, the queue's
-// slice and the goroutine. The held-back body's buffer comes from a pool.
+// everything, to count what the wrapper allocates. The handler's own
+// Header().Set is one allocation, as bare. A wrapped request adds: the copy
+// of the request (r.WithContext, as net/http asks of wrappers), the queue,
+// which is also its context, the response writer (new for each response,
+// since a handler can keep it), the Content-Length's value, and the
+// stand-in writer's header map. A task adds the queue's slice and the
+// goroutine. The held-back body's buffer comes from a pool.
 func BenchmarkHandler(b *testing.B) {
 	reply := []byte(`{"message":"Notification sent successfully!"}` + "\n")
 	respond := func(w http.ResponseWriter, r *http.Request) {

@@ -26,23 +26,23 @@ const maxHeld = 64 << 10
 //
 // Responses that take no Content-Length from us pass straight through: 1xx,
 // 204 and 304, responses to HEAD, and those whose handler set Content-Length,
-// Transfer-Encoding or Trailer before WriteHeader. So does any response once
-// flushed or past maxHeld bytes.
+// Trailer, or a Transfer-Encoding other than chunked before WriteHeader. So
+// does any response once flushed or past maxHeld bytes.
 type holdingWriter struct {
-	out     http.ResponseWriter // where the response goes: the server's writer, until Hijack or detach
+	server  http.ResponseWriter // the server's writer; a stand-in once hijacked or detached
 	req     *http.Request       // the request it answers
 	buffers *sync.Pool          // the Handler's, where body comes from and goes back to
 
 	status int           // the handler's status, or 0 before WriteHeader
 	body   *bytes.Buffer // the held-back body; nil until held takes one from buffers
-	// sent once the status and header have gone to out: writes pass
-	// through. finished once finish has run.
-	sent, finished bool
+	// sent once the status and header have gone to the server: writes pass
+	// through. chunked if the handler set "Transfer-Encoding: chunked".
+	sent, chunked bool
 }
 
 // Header returns the server's header map, shared by the handler and net/http
 // as without the wrapper. After detach, it returns the stand-in's.
-func (w *holdingWriter) Header() http.Header { return w.out.Header() }
+func (w *holdingWriter) Header() http.Header { return w.server.Header() }
 
 // WriteHeader holds back a final status that may still get a Content-Length,
 // and passes any other status on at once. Like net/http's, it keeps the first
@@ -55,11 +55,11 @@ func (w *holdingWriter) WriteHeader(code int) {
 	if code < 100 || code > 999 || (code < 200 && code != http.StatusSwitchingProtocols) {
 		// An invalid status makes net/http panic, here in the handler. An
 		// informational one goes out at once: the final status is to come.
-		w.out.WriteHeader(code)
+		w.server.WriteHeader(code)
 		return
 	}
 	w.status = code
-	h := w.out.Header()
+	h := w.server.Header()
 	if code == http.StatusRequestEntityTooLarge && w.req.ProtoMajor == 1 {
 		// When http.MaxBytesReader trips, net/http closes the connection after
 		// the 413 rather than wait for a body that a stalled client may never
@@ -68,9 +68,14 @@ func (w *holdingWriter) WriteHeader(code int) {
 		h.Set("Connection", "close")
 	}
 	bodyless := code == http.StatusSwitchingProtocols || code == http.StatusNoContent || code == http.StatusNotModified || w.req.Method == http.MethodHead
-	if bodyless || h["Content-Length"] != nil || h["Transfer-Encoding"] != nil || h["Trailer"] != nil { // or framed by the handler
+	// "Transfer-Encoding: chunked" is net/http's own framing for a body that
+	// streams: such a body is held back all the same. Other framing is the
+	// handler's.
+	te := h.Get("Transfer-Encoding")
+	w.chunked = te == "chunked"
+	if bodyless || h["Content-Length"] != nil || h["Trailer"] != nil || (te != "" && !w.chunked) {
 		w.sent = true
-		w.out.WriteHeader(code)
+		w.server.WriteHeader(code)
 	}
 }
 
@@ -82,7 +87,7 @@ func (w *holdingWriter) Write(p []byte) (int, error) {
 		return w.body.Write(p)
 	}
 	w.send(-1)
-	return w.out.Write(p)
+	return w.server.Write(p)
 }
 
 // held returns the held-back body, taking a buffer from the pool the first
@@ -117,11 +122,11 @@ func (w *holdingWriter) ReadFrom(src io.Reader) (n int64, err error) {
 			return n, err
 		}
 	}
-	m, err := io.Copy(w.out, src)
+	m, err := io.Copy(w.server, src)
 	return n + m, err
 }
 
-// send passes the held-back status, header and body on to out, with a
+// send passes the held-back status, header and body on to the server, with a
 // Content-Length of length unless it is negative, if there is a status and it
 // has not gone yet. From then on, the response streams. A write error shows
 // again on the caller's next Write or Flush, as net/http's writer keeps
@@ -133,15 +138,18 @@ func (w *holdingWriter) send(length int) {
 	w.sent = true
 	// Framing set after WriteHeader, which net/http ignores, may not match
 	// the body: the response would not be held back had it been set before.
-	h := w.out.Header()
+	h := w.server.Header()
 	for _, k := range []string{"Content-Length", "Transfer-Encoding", "Trailer"} {
 		delete(h, k)
+	}
+	if _, typed := h["Content-Type"]; w.chunked && !typed && w.req.ProtoMajor == 1 {
+		h["Content-Type"] = nil // HTTP/1 sniffs no body that its handler said to chunk
 	}
 	if length >= 0 {
 		h.Set("Content-Length", strconv.Itoa(length))
 	}
-	w.out.WriteHeader(w.status)
-	w.out.Write(w.held().Bytes())
+	w.server.WriteHeader(w.status)
+	w.server.Write(w.held().Bytes())
 }
 
 // FlushError sends anything held back and flushes it to the client: the
@@ -150,15 +158,22 @@ func (w *holdingWriter) send(length int) {
 func (w *holdingWriter) FlushError() error {
 	w.WriteHeader(http.StatusOK) // as net/http's Flush does
 	w.send(-1)
-	return http.NewResponseController(w.out).Flush()
+	return http.NewResponseController(w.server).Flush()
 }
 
 // Flush implements http.Flusher; see FlushError.
 func (w *holdingWriter) Flush() { w.FlushError() }
 
-// hijackingWriter is what the handler gets when the server's writer is an
-// http.Hijacker, as HTTP/1's is and HTTP/2's is not, so that w.(http.Hijacker)
-// answers as it would without the wrapper.
+// forHandler returns w as the handler gets it: a Hijacker only if the
+// server's writer is one, as HTTP/1's is and HTTP/2's is not, so that
+// w.(http.Hijacker) answers as it would without the wrapper.
+func (w *holdingWriter) forHandler() http.ResponseWriter {
+	if _, ok := w.server.(http.Hijacker); ok {
+		return hijackingWriter{w}
+	}
+	return w
+}
+
 type hijackingWriter struct{ *holdingWriter }
 
 // Hijack implements http.Hijacker. It sends anything held back first, as
@@ -167,15 +182,15 @@ type hijackingWriter struct{ *holdingWriter }
 // map: httputil.ReverseProxy writes its 101 Switching Protocols from it.
 func (w hijackingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	w.send(-1)
-	conn, brw, err := http.NewResponseController(w.out).Hijack()
+	conn, brw, err := http.NewResponseController(w.server).Hijack()
 	if err == nil {
-		w.sent, w.out = true, hijacked{detached(w.out.Header())}
+		w.sent, w.server = true, hijacked{w.server}
 	}
 	return conn, brw, err
 }
 
 // Unwrap returns the server's response writer, for http.ResponseController.
-func (w *holdingWriter) Unwrap() http.ResponseWriter { return w.out }
+func (w *holdingWriter) Unwrap() http.ResponseWriter { return w.server }
 
 // finish completes the response once the handler has returned: it sends
 // anything held back, now with a Content-Length, and flushes it all to the
@@ -188,21 +203,21 @@ func (w *holdingWriter) Unwrap() http.ResponseWriter { return w.out }
 func (w *holdingWriter) finish() {
 	w.WriteHeader(http.StatusOK)
 	w.send(w.held().Len())
-	http.NewResponseController(w.out).Flush()
+	http.NewResponseController(w.server).Flush()
 	w.body.Reset()
 	w.buffers.Put(w.body)
-	w.body, w.finished = nil, true
+	w.body = nil
 }
 
 // detach cuts w off from the response for good, once the handler has
 // returned or panicked. The handler may have left w behind, in a task's
 // closure say, and net/http reuses its own writer's buffers for other
 // connections once ServeHTTP returns.
-func (w *holdingWriter) detach() { w.sent, w.out = true, detached(make(http.Header)) }
+func (w *holdingWriter) detach() { w.sent, w.server = true, detached(make(http.Header)) }
 
 // detached stands in for the server's writer after detach: its header
 // map is its own, nothing sends it, and nothing can be written. It is a map
-// type so that storing it in w.out allocates nothing more.
+// type so that storing it in w.server allocates nothing more.
 type detached http.Header
 
 func (d detached) Header() http.Header     { return http.Header(d) }
@@ -211,9 +226,14 @@ func (detached) Write([]byte) (int, error) { return 0, errCutOff }
 
 var errCutOff = errors.New("background: Write after the handler returned: its ResponseWriter is cut off from the response")
 
-// hijacked stands in for the server's writer after Hijack, with its header
-// map: writing, or hijacking again, fails with http.ErrHijacked.
-type hijacked struct{ detached }
+// hijacked stands in for the server's writer after Hijack: writing,
+// flushing or hijacking again fails with http.ErrHijacked. Header, and the
+// read and write deadlines that http.ResponseController sets through Unwrap,
+// still reach the server's writer, as they would without the wrapper.
+type hijacked struct{ http.ResponseWriter }
 
+func (hijacked) WriteHeader(int)                              {}
 func (hijacked) Write([]byte) (int, error)                    { return 0, http.ErrHijacked }
+func (hijacked) FlushError() error                            { return http.ErrHijacked }
 func (hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return nil, nil, http.ErrHijacked }
+func (w hijacked) Unwrap() http.ResponseWriter                { return w.ResponseWriter }
