@@ -67,11 +67,10 @@ import (
 // The writer the wrapped handler gets holds back a body written without a
 // Content-Length, up to 64 KiB. It sends it with one as the handler returns,
 // so that the whole response has been sent before the first task starts. It
-// implements http.Flusher, io.ReaderFrom (so http.FileServer still uses
-// sendfile), and http.Hijacker where the server's writer does (over HTTP/1).
-// It unwraps to the server's writer for http.ResponseController. Once the
-// handler has returned, the writer is cut off: if a task kept it by mistake,
-// Write returns an error, and nothing else it does reaches a client.
+// implements http.Flusher, io.ReaderFrom (for sendfile), and http.Hijacker
+// where the server's writer does (over HTTP/1). It unwraps to the server's
+// writer for http.ResponseController. Once the handler has returned, the
+// writer is cut off: a task that kept it by mistake reaches no client.
 //
 // A held-back response differs from net/http's on the wire in ways that
 // change no code. Header changes made after WriteHeader are sent, but for
@@ -316,10 +315,10 @@ func (q *queue) run() {
 }
 
 // unwound is deferred by run. If run did not return, the current task
-// panicked, which unwound must recover (in a goroutine we started, nothing
-// else would, and it would end the process), or it called runtime.Goexit,
-// as t.FailNow does. Either way this goroutine ends: unwound logs why, and
-// hands q to another.
+// panicked, or called runtime.Goexit, as t.FailNow does. unwound must
+// recover a panic: in a goroutine we started, nothing else would, and it
+// would end the process. Either way this goroutine ends: unwound logs why,
+// and hands q to another.
 func (q *queue) unwound(returned *bool) {
 	if *returned {
 		return
@@ -360,9 +359,9 @@ func (q *queue) next(err error) func(ctx context.Context) error {
 	return e.fn
 }
 
-// log logs msg about a task added through t with the task's ctx, so that a
-// slog.Handler can add what the ctx carries, such as a trace ID, and with
-// its request's method and path.
+// log logs msg about a task added through t, with its request's method and
+// path. It logs with the task's ctx, so that a slog.Handler can add what the
+// ctx carries, such as a trace ID.
 func (h *Handler) log(t *Tasks, level slog.Level, msg string, args ...any) {
 	h.logger().Log(t.ctx(), level, msg, append([]any{"method", t.q.method, "path", t.q.path}, args...)...)
 }

@@ -2838,9 +2838,9 @@ func benchmarkServe(b *testing.B, h http.Handler) {
 // Header().Set is one allocation, as bare. A wrapped request adds: the copy
 // of the request (r.WithContext, as net/http asks of wrappers), the queue,
 // which is also its context, the response writer (new for each response,
-// since a handler can keep it), the Content-Length's value, and the
-// stand-in writer's header map. A task adds the queue's slice and the
-// goroutine. The held-back body's buffer comes from a pool.
+// since a handler can keep it), and the Content-Length's value. A task adds
+// the queue's slice and the goroutine. The held-back body's buffer comes
+// from a pool.
 func BenchmarkHandler(b *testing.B) {
 	reply := []byte(`{"message":"Notification sent successfully!"}` + "\n")
 	respond := func(w http.ResponseWriter, r *http.Request) {

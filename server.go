@@ -25,9 +25,9 @@ const maxHeld = 64 << 10
 // Content-Length, the client knows the response is whole at its last byte.
 //
 // Responses that take no Content-Length from us pass straight through: 1xx,
-// 204 and 304, responses to HEAD, and those whose handler set Content-Length,
-// Trailer, or a Transfer-Encoding other than chunked before WriteHeader. So
-// does any response once flushed or past maxHeld bytes.
+// 204 and 304, and responses to HEAD. So do those whose handler set
+// Content-Length, Trailer, or a Transfer-Encoding other than chunked before
+// WriteHeader, and any response once flushed or past maxHeld bytes.
 type holdingWriter struct {
 	server  http.ResponseWriter // the server's writer; a stand-in once hijacked or detached
 	req     *http.Request       // the request it answers
@@ -38,6 +38,7 @@ type holdingWriter struct {
 	// sent once the status and header have gone to the server: writes pass
 	// through. chunked if the handler set "Transfer-Encoding: chunked".
 	sent, chunked bool
+	cutOff        detached // the server's writer's stand-in after detach
 }
 
 // Header returns the server's header map, shared by the handler and net/http
@@ -91,8 +92,8 @@ func (w *holdingWriter) Write(p []byte) (int, error) {
 }
 
 // held returns the held-back body, taking a buffer from the pool the first
-// time: a hijacked connection or a long poll holds nothing back, and keeps no
-// buffer while its handler runs.
+// time. So a hijacked connection or a long poll, which holds nothing back,
+// keeps no buffer while its handler runs.
 func (w *holdingWriter) held() *bytes.Buffer {
 	if w.body == nil {
 		w.body = w.buffers.Get().(*bytes.Buffer)
@@ -103,10 +104,10 @@ func (w *holdingWriter) held() *bytes.Buffer {
 // ReadFrom implements io.ReaderFrom, which is how io.Copy, and with it
 // http.FileServer, reaches net/http's sendfile. Once the response streams, src
 // goes straight to the server's writer. Until then, src is read into the
-// held-back body's spare room and handed to Write, which decides, as for any
-// bytes, whether to hold them back: the idiom bytes.Buffer.AvailableBuffer
-// documents, since Write is the next write to the buffer. A Write error shows
-// on the next write.
+// held-back body's spare room, and Write decides, as for any bytes, whether
+// to hold them back. That is the idiom bytes.Buffer.AvailableBuffer
+// documents: Write is the buffer's next write. A Write error shows on the
+// next write.
 func (w *holdingWriter) ReadFrom(src io.Reader) (n int64, err error) {
 	for !w.sent {
 		w.held().Grow(512)
@@ -126,9 +127,9 @@ func (w *holdingWriter) ReadFrom(src io.Reader) (n int64, err error) {
 	return n + m, err
 }
 
-// send passes the held-back status, header and body on to the server, with a
-// Content-Length of length unless it is negative, if there is a status and it
-// has not gone yet. From then on, the response streams. A write error shows
+// send passes the held-back status, header and body on to the server, if
+// there is a status and it has not gone yet. The Content-Length is length,
+// unless that is negative. From then on, the response streams. A write error shows
 // again on the caller's next Write or Flush, as net/http's writer keeps
 // failing once it has failed.
 func (w *holdingWriter) send(length int) {
@@ -165,7 +166,7 @@ func (w *holdingWriter) FlushError() error {
 func (w *holdingWriter) Flush() { w.FlushError() }
 
 // forHandler returns w as the handler gets it: a Hijacker only if the
-// server's writer is one, as HTTP/1's is and HTTP/2's is not, so that
+// server's writer is one, as HTTP/1's is and HTTP/2's is not. So
 // w.(http.Hijacker) answers as it would without the wrapper.
 func (w *holdingWriter) forHandler() http.ResponseWriter {
 	if _, ok := w.server.(http.Hijacker); ok {
@@ -195,7 +196,7 @@ func (w *holdingWriter) Unwrap() http.ResponseWriter { return w.server }
 // finish completes the response once the handler has returned: it sends
 // anything held back, now with a Content-Length, and flushes it all to the
 // client. Errors are ignored: a client that has gone does not stop the tasks.
-// (If nothing was held back, held takes a buffer only to send it empty.)
+// If nothing was held back, held takes a buffer only to send it empty.
 //
 // The buffer then goes back to the pool, and w lets go of it: only w ever
 // held it, never the handler. After a panic, finish does not run, and the
@@ -213,16 +214,21 @@ func (w *holdingWriter) finish() {
 // returned or panicked. The handler may have left w behind, in a task's
 // closure say, and net/http reuses its own writer's buffers for other
 // connections once ServeHTTP returns.
-func (w *holdingWriter) detach() { w.sent, w.server = true, detached(make(http.Header)) }
+func (w *holdingWriter) detach() { w.sent, w.server = true, &w.cutOff }
 
-// detached stands in for the server's writer after detach: its header
-// map is its own, nothing sends it, and nothing can be written. It is a map
-// type so that storing it in w.server allocates nothing more.
-type detached http.Header
+// detached stands in for the server's writer after detach: its header map is
+// its own, made only if a task asks for it, nothing sends it, and nothing can
+// be written.
+type detached struct{ header http.Header }
 
-func (d detached) Header() http.Header     { return http.Header(d) }
-func (detached) WriteHeader(int)           {}
-func (detached) Write([]byte) (int, error) { return 0, errCutOff }
+func (d *detached) Header() http.Header {
+	if d.header == nil {
+		d.header = make(http.Header)
+	}
+	return d.header
+}
+func (*detached) WriteHeader(int)           {}
+func (*detached) Write([]byte) (int, error) { return 0, errCutOff }
 
 var errCutOff = errors.New("background: Write after the handler returned: its ResponseWriter is cut off from the response")
 
