@@ -146,9 +146,9 @@ func sleep(ctx context.Context, d time.Duration) error {
 // The rest is the server around the endpoint: flags, routes, timeouts, the
 // two-step shutdown, and a console that never blocks.
 
-// defaultMaxPending bounds what pending tasks cost to about 260 MB: each
-// costs about 6.5 KB, by BenchmarkPendingTasks, which saw the whole process
-// peak at 350 MB under a flood held at this limit.
+// defaultMaxPending bounds what pending tasks cost to about 175 MB: each
+// costs about 4.4 KB, by BenchmarkPendingTasks, which saw the whole process
+// peak at 245 MB under a flood held at this limit.
 const defaultMaxPending = 40_000
 
 func main() {
