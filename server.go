@@ -216,9 +216,9 @@ func (w *holdingWriter) finish() {
 // connections once ServeHTTP returns.
 func (w *holdingWriter) detach() { w.sent, w.server = true, &w.cutOff }
 
-// detached stands in for the server's writer after detach: its header map is
-// its own, made only if a task asks for it, nothing sends it, and nothing can
-// be written.
+// detached stands in for the server's writer after detach. Its header map is
+// its own, made only if a task asks for it. Nothing sends it, and nothing
+// can be written.
 type detached struct{ header http.Header }
 
 func (d *detached) Header() http.Header {
