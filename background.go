@@ -36,9 +36,10 @@
 //     returns or passes 64 KiB. Handlers that stream should Flush.
 //   - Over HTTP/1, trailers named with http.TrailerPrefix are dropped from a
 //     held-back body. Declare trailers in the Trailer header before writing.
-//   - A response that streams (flushed, past 64 KiB, or with a declared
-//     Trailer) ends as ServeHTTP returns. Its tasks may start a moment before
-//     the client sees that end. Over HTTP/2, every response ends so.
+//   - A response that streams (flushed, past 64 KiB, with a declared Trailer,
+//     or with a Transfer-Encoding other than chunked) ends as ServeHTTP
+//     returns. Its tasks may start a moment before the client sees that end.
+//     Over HTTP/2, every response ends so.
 //   - A 413 over HTTP/1 closes the connection, as net/http does when
 //     http.MaxBytesReader trips. A handler that answers a too-large body with
 //     another status should set "Connection: close" itself.
@@ -51,6 +52,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"runtime/debug"
@@ -79,8 +81,9 @@ import (
 // 100-continue" gets its 100 Continue even if the handler reads the body
 // after writing a reply.
 type Handler struct {
-	// Logger receives the Handler's lines: tasks failed or dropped, and
-	// refusals. If nil, slog.Default() at the moment of logging is used.
+	// Logger receives the Handler's lines about tasks that failed or were
+	// dropped, refusals, and a Shutdown that gave up. If nil, slog.Default()
+	// at the moment of logging is used.
 	Logger *slog.Logger
 
 	// MaxPending limits the tasks pending, as Pending counts them; zero means
@@ -141,6 +144,12 @@ type entry struct {
 
 // tasksKey is the context key under which a request's queue is found.
 type tasksKey struct{}
+
+// String names q as context.WithValue would. It reads only the request's
+// context, which never changes, so printing races with no Add.
+func (q *queue) String() string {
+	return fmt.Sprint(q.Context) + ".WithValue(background.tasksKey, *background.queue)"
+}
 
 // Value makes q the request's context with the queue added.
 func (q *queue) Value(key any) any {
@@ -272,7 +281,7 @@ func (t *Tasks) Add(task func(ctx context.Context) error) {
 		panic("background: Add on a nil Tasks (FromContext returns nil unless the request is served through background.NewHandler), or with a nil task")
 	}
 	q, h := t.q, t.q.h
-	dropped := ""
+	dropped, unwaited := "", false
 	h.mu.Lock()
 	switch {
 	case h.ctx.Err() != nil:
@@ -283,11 +292,12 @@ func (t *Tasks) Add(task func(ctx context.Context) error) {
 		q.tasks = append(q.tasks, entry{task, t})
 		h.pending++
 		q.startLocked()
+		unwaited = q.idled != h.idled.Load() // a Shutdown returned since the request arrived
 	}
 	h.mu.Unlock()
 	if dropped != "" {
 		h.log(t, slog.LevelWarn, "background: task dropped", "reason", dropped)
-	} else if q.idled != h.idled.Load() { // a Shutdown returned since the request arrived
+	} else if unwaited {
 		h.log(t, slog.LevelWarn, "background: task added after Shutdown returned; it runs unwaited")
 	}
 }
@@ -393,9 +403,9 @@ func (h *Handler) Pending() int {
 	return h.pending
 }
 
-// Shutdown waits for every queued and running task, including those that
-// requests in flight add meanwhile, and returns nil once none is left. A
-// task that calls Shutdown waits for itself. Once Shutdown has returned nil,
+// Shutdown waits until no task is queued or running, counting those added
+// while it waits, and then returns nil. A task that calls Shutdown waits for
+// itself. Once Shutdown has returned nil,
 // what the tasks wrote can be read without a data race.
 //
 // If ctx ends first, Shutdown gives up: it cancels the running tasks' ctx,

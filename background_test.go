@@ -1146,6 +1146,26 @@ func TestContextOfTaskHasValuesButOnlyShutdownCancelsIt(t *testing.T) {
 	})
 }
 
+// Middleware may print r.Context() while the handler adds a task: it reads
+// as context.WithValue's would, and races with nothing.
+func TestContextOfRequestPrintsAsWithValueDoesWhileTasksAreAdded(t *testing.T) {
+	req := httptest.NewRequest("GET", "/", nil)
+	printed := make(chan string, 1)
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		added := make(chan struct{})
+		go func() {
+			addTask(r, func(context.Context) error { return nil })
+			close(added)
+		}()
+		printed <- fmt.Sprint(r.Context())
+		<-added
+	})
+	h.ServeHTTP(httptest.NewRecorder(), req)
+	if got, want := <-printed, fmt.Sprint(req.Context())+".WithValue(background.tasksKey, *background.queue)"; got != want {
+		t.Errorf("r.Context() prints as %q, want %q", got, want)
+	}
+}
+
 // Real tasks add a logger, a span or a request ID to their ctx before they
 // derive a timeout from it, so half the contexts here go through such a layer.
 func TestContextDerivedFromTaskContextStartsNoGoroutineAndSeesShutdown(t *testing.T) {
