@@ -310,6 +310,18 @@ func (l *logBuffer) records(t *testing.T) []map[string]any {
 	return recs
 }
 
+// lines returns each record logged so far as its message and its attr's
+// value, sorted, for a test to compare with the lines it expects.
+func (l *logBuffer) lines(t *testing.T, attr string) []string {
+	t.Helper()
+	var lines []string
+	for _, rec := range l.records(t) {
+		lines = append(lines, fmt.Sprintf("%s %v", rec["msg"], rec[attr]))
+	}
+	slices.Sort(lines)
+	return lines
+}
+
 // find returns the first record whose message contains msg, or nil.
 func (l *logBuffer) find(t *testing.T, msg string) map[string]any {
 	t.Helper()
@@ -1370,11 +1382,7 @@ func TestFailureLinesCarryTheTasksContext(t *testing.T) {
 		panicOf(h)
 		h.Shutdown(context.Background())
 
-		var lines []string
-		for _, rec := range logs.records(t) {
-			lines = append(lines, fmt.Sprintf("%s %v", rec["msg"], rec["request_id"]))
-		}
-		slices.Sort(lines)
+		lines := logs.lines(t, "request_id")
 		want := []string{
 			"background: task called runtime.Goexit /runs",
 			"background: task dropped /",
@@ -1714,11 +1722,7 @@ func TestShutdownSumsUpTheCancellationsItCausesInOneLine(t *testing.T) {
 		h.Shutdown(expired())
 		shutdown(t, h) // wait for the canceled tasks to return
 
-		var msgs []string
-		for _, rec := range logs.records(t) {
-			msgs = append(msgs, fmt.Sprintf("%s %v", rec["msg"], rec["err"]))
-		}
-		slices.Sort(msgs)
+		msgs := logs.lines(t, "err")
 		want := []string{
 			"background: shutdown deadline passed; unfinished tasks canceled or dropped <nil>",
 			"background: task failed context canceled",
