@@ -217,13 +217,13 @@ func (q *queue) handlerEnded(returned bool) {
 	h.mu.Lock()
 	q.returned, q.panicked = returned, !returned
 	q.startLocked()
-	dropped := q.tasks
-	if returned || h.ctx.Err() != nil { // a Shutdown that gave up has counted them
-		dropped = nil
-	}
+	var dropped []entry
 	if q.panicked {
-		h.doneLocked(len(q.tasks))
-		q.tasks = nil
+		dropped, q.tasks = q.tasks, nil
+		h.doneLocked(len(dropped))
+		if h.ctx.Err() != nil {
+			dropped = nil // a Shutdown that gave up has counted them
+		}
 	}
 	h.mu.Unlock()
 	for _, e := range dropped {
@@ -312,8 +312,9 @@ func (q *queue) startLocked() {
 	}
 }
 
-// run runs q's tasks one at a time, until none is left. Its frame is all
-// that it adds to a pending task's stack, and it keeps no task alive.
+// run runs q's tasks one at a time, until none is left. It is the
+// goroutine's first frame, and holds little: the garbage collector scans the
+// stack of every pending task.
 func (q *queue) run() {
 	returned := false
 	defer q.unwound(&returned)
@@ -405,8 +406,8 @@ func (h *Handler) Pending() int {
 
 // Shutdown waits until no task is queued or running, counting those added
 // while it waits, and then returns nil. A task that calls Shutdown waits for
-// itself. Once Shutdown has returned nil,
-// what the tasks wrote can be read without a data race.
+// itself. Once Shutdown has returned nil, what the tasks wrote can be read
+// without a data race.
 //
 // If ctx ends first, Shutdown gives up: it cancels the running tasks' ctx,
 // drops the queued ones, logs one line that counts them, and returns
