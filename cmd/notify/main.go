@@ -1,30 +1,24 @@
 // Command notify is the FastAPI background-tasks tutorial in Go. It answers
-// POST /send-notification/{email} at once and then, in a background task,
-// appends "Notification sent to: EMAIL" to a log file.
-//
-//	go run ./cmd/notify
-//	curl -X POST http://127.0.0.1:8000/send-notification/test@example.com
-//
-// Run it with -delay 2s to see that the client does not wait for the task;
-// -h lists the flags. With -max-pending tasks pending, it answers 503. On
-// SIGINT, SIGTERM or SIGHUP it stops taking requests, runs the tasks already
-// queued, and exits 0 if each wrote its line in time; otherwise its last line
-// counts those that did not, and it exits 1. A second signal ends the wait.
+// POST /send-notification/{email} at once, and a task then appends
+// "Notification sent to: EMAIL" to a log file. On a signal, or if serving fails,
+// it runs the tasks queued and exits. It exits 1 unless every task wrote its
+// line, with a last line that counts acknowledged lines not in the file.
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"log"
 	"net"
 	"net/http"
 	"net/mail"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -34,321 +28,203 @@ import (
 	"example.com/background"
 )
 
-// sendNotification answers at once and leaves the log line to a task, which
-// runs after the response has been sent. With a delay, the task first waits
-// that long, as if sending an email.
-func sendNotification(logFile *notificationLog, delay time.Duration) http.HandlerFunc {
+// sendNotification is the tutorial's endpoint: it answers at once, and its task
+// writes the line after the response. With a delay, the task waits first.
+func sendNotification(logFile *logFile, delay time.Duration) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		email := r.PathValue("email")
-		if err := checkEmail(email); err != nil {
-			writeJSON(w, http.StatusUnprocessableEntity, "detail", err.Error())
-			return
-		}
-		line := "Notification sent to: " + email
-		logFile.queued.Add(1)
+		message := "Notification sent to: " + r.PathValue("email")
 		background.FromContext(r.Context()).Add(func(ctx context.Context) error {
-			if err := sleep(ctx, delay); err != nil {
-				return err
+			select {
+			case <-time.After(delay):
+			case <-ctx.Done(): // Shutdown ran out of time
+				return ctx.Err()
 			}
-			return logFile.append(line)
+			return logFile.writeLog(message)
 		})
-		writeJSON(w, http.StatusOK, "message", "Notification sent successfully!")
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"message":"Notification sent successfully!"}`)
 	}
 }
 
-// notificationLog appends lines to a file and shows each on a console. It
-// counts the lines queued, so that shutdown can say how many were lost.
-type notificationLog struct {
-	file *os.File // opened once, with O_APPEND
-	echo *console
-
-	queued, written, failed atomic.Int64
-}
-
-// openLog opens the log file once, at startup, unlike the tutorial's
-// write_log, which opens it for each line. So a path that cannot be opened
-// stops the program before it takes a request, and a task needs no file
-// descriptor of its own, which a flood of connections may have used up.
-func openLog(path string, echo *console) (*notificationLog, error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("cannot open the log file: %w", err)
-	}
-	return &notificationLog{file: f, echo: echo}, nil
-}
-
-// append adds line to the file in a single Write, which os.File makes whole
-// even with other tasks writing, and O_APPEND puts at the end of the file: no
-// lock of ours, so no task waits on another's write or echo.
-func (l *notificationLog) append(line string) error {
-	if _, err := l.file.WriteString(line + "\n"); err != nil {
-		l.failed.Add(1)
+// writeLog is the tutorial's write_log: it appends message as a line, and prints it.
+func (l *logFile) writeLog(message string) error {
+	if err := l.append(message + "\n"); err != nil {
 		return err
 	}
-	l.written.Add(1)
-	l.echo.print("Log written: " + line)
+	fmt.Println("Log written:", message)
 	return nil
 }
 
-// unfinished returns how many queued lines were neither written nor failed.
-func (l *notificationLog) unfinished() int64 {
-	done := l.written.Load() + l.failed.Load()
-	return l.queued.Load() - done // loaded last, as a line is queued before it is done
+// The rest is plumbing: the log file, the email check, and the server.
+
+// logFile appends lines to the file at path, and counts them.
+type logFile struct {
+	path    string
+	queued  atomic.Int64 // lines acknowledged to a client
+	mu      sync.Mutex   // guards the fields below, and orders the appends
+	file    *os.File
+	written int64
+	closed  bool // by lost, so that no line lands after the count
 }
 
-// checkEmail accepts a bare address such as ada@example.com and nothing
-// else. The address goes into a line of the log file, so a newline in it
-// would forge a second line.
+// append writes line at the end of the file that path names, in one write.
+func (l *logFile) append(line string) error {
+	l.mu.Lock() // appends to one file wait for each other in the kernel anyway
+	defer l.mu.Unlock()
+	if l.closed {
+		return errors.New("not written: the program is exiting")
+	}
+	if err := l.follow(); err != nil {
+		return err
+	}
+	end, err := l.file.Seek(0, io.SeekEnd)
+	if err == nil {
+		_, err = l.file.WriteString(line)
+	}
+	if err != nil {
+		// A disk that filled mid-line keeps part of it. Cut that off, or the
+		// next line would be glued on. The lock makes it our part.
+		l.file.Truncate(end)
+		return err
+	}
+	l.written++
+	return nil
+}
+
+// follow opens the file at l.path if it is not open: at first, or after it was
+// rotated or deleted. Kept open, it needs no descriptor that a flood could take.
+func (l *logFile) follow() error {
+	atPath, err := os.Stat(l.path)
+	if open, _ := l.file.Stat(); err == nil && os.SameFile(atPath, open) {
+		return nil
+	}
+	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	l.file.Close() // nil the first time, which Close allows
+	l.file = f
+	return nil
+}
+
+// lost stops all appends, and counts the acknowledged lines not in the file.
+func (l *logFile) lost() int64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.closed = true
+	return l.queued.Load() - l.written
+}
+
+// acceptEmail answers 422 unless the email is a bare address, as FastAPI checks
+// parameters first. Otherwise it counts the line that next acknowledges.
+func acceptEmail(l *logFile, next http.Handler) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if err := checkEmail(r.PathValue("email")); err != nil {
+			detail, _ := json.Marshal(map[string]string{"detail": err.Error()})
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusUnprocessableEntity)
+			w.Write(detail)
+			return
+		}
+		l.queued.Add(1)
+		next.ServeHTTP(w, r)
+	}
+}
+
+// checkEmail accepts a bare address. In the log, a newline would forge a line,
+// and a blank-looking character would fool a reader that splits on spaces.
 func checkEmail(email string) error {
-	if email == "" {
-		return errors.New("email is empty")
-	}
-	if len(email) > 254 {
-		return fmt.Errorf("email is %d bytes long; the limit is 254", len(email))
-	}
 	for i, r := range email {
-		if !unicode.IsGraphic(r) {
-			return fmt.Errorf("email contains a control or invisible character, %U, at byte %d", r, i)
+		// Hangul fillers, blank braille, and U+FFFD, which stands in for invalid UTF-8:
+		if !unicode.IsGraphic(r) || unicode.IsSpace(r) || strings.ContainsRune("\u115F\u1160\u3164\uFFA0\u2800\uFFFD", r) {
+			return fmt.Errorf("email contains a space, control or invisible character, %U, at byte %d", r, i)
 		}
 	}
 	addr, err := mail.ParseAddress(email)
-	if err != nil {
-		return fmt.Errorf("email is not a valid address: %v", err)
-	}
-	if addr.Name != "" || addr.Address != email {
-		return fmt.Errorf("email must be a bare address such as %s, with no name, quotes, comments or angle brackets", addr.Address)
+	if err != nil || addr.Name != "" || addr.Address != email || len(email) > 254 {
+		return errors.New("email must be a bare address of at most 254 bytes, such as ada@example.com")
 	}
 	return nil
 }
-
-// writeJSON sends {"key":"value"} as the response body. Like FastAPI, it
-// sends no trailing newline, which json.Encoder would add.
-func writeJSON(w http.ResponseWriter, status int, key, value string) {
-	body, _ := json.Marshal(map[string]string{key: value}) // strings always encode
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	w.Write(body)
-}
-
-// sleep waits for d and returns nil, or returns ctx.Err() if ctx is
-// canceled first, as it is when shutdown's deadline passes.
-func sleep(ctx context.Context, d time.Duration) error {
-	timer := time.NewTimer(d)
-	defer timer.Stop()
-	select {
-	case <-timer.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-// The rest is the server around the endpoint: flags, routes, timeouts, the
-// two-step shutdown, and a console that never blocks.
-
-// defaultMaxPending bounds what pending tasks cost to about 175 MB: each
-// costs about 4.4 KB, by BenchmarkPendingTasks, which saw the whole process
-// peak at 245 MB under a flood held at this limit.
-const defaultMaxPending = 40_000
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:8000", "address to listen on")
-	logPath := flag.String("log", "log.txt", "file the notifications are appended to")
+	path := flag.String("log", "log.txt", "file the notifications are appended to")
 	delay := flag.Duration("delay", 0, "how long each task waits before writing, like a slow mail server")
 	drain := flag.Duration("drain", 10*time.Second, "how long shutdown waits for responses and tasks")
-	maxPending := flag.Int("max-pending", defaultMaxPending, "tasks pending at most; past it, requests get 503 (0: no limit)")
+	maxPending := flag.Int("max-pending", 40_000, "tasks pending at most, about 4.4 KB each; past it, requests get 503 (0: no limit)")
 	flag.Parse()
-	var bad string
-	switch {
-	case flag.NArg() > 0:
-		bad = fmt.Sprintf("unexpected argument %q", flag.Arg(0))
-	case *logPath == "":
-		bad = "-log must name a file"
-	case *delay < 0:
-		bad = "-delay must not be negative"
-	case *drain <= 0:
-		bad = "-drain must be positive"
-	case *maxPending < 0:
-		bad = "-max-pending must not be negative"
-	}
-	if bad != "" {
-		fmt.Fprintln(os.Stderr, "notify:", bad)
+	if flag.NArg() > 0 || *path == "" || *delay < 0 || *drain <= 0 || *maxPending < 0 {
+		fmt.Fprintln(os.Stderr, "notify: -log must name a file, -drain must be positive, -delay and -max-pending must not be negative, and no argument may follow the flags")
 		flag.Usage()
 		os.Exit(2)
 	}
-
-	// From here on, output goes through consoles, which never block: a
-	// stdout or stderr that nobody reads must stall neither the tasks nor
-	// shutdown. One whose reader has gone must not end the process, which
-	// is what SIGPIPE does by default.
-	stdout, stderr := newConsole(os.Stdout), newConsole(os.Stderr)
-	log.SetOutput(stderr) // where slog.Default, and so background's lines, and net/http's go
-	signal.Ignore(syscall.SIGPIPE)
-	outLast, errLast, code := []string{"Every task finished."}, []string(nil), 0
-	if err := run(*addr, *logPath, *delay, *drain, *maxPending, stdout); err != nil {
-		outLast, errLast, code = nil, []string{"notify: " + err.Error()}, 1
-	}
-	// Both at once, so that a stdout nobody reads delays the last line on
-	// stderr by nothing, and the exit by half a second at most.
-	flushBy := time.Now().Add(500 * time.Millisecond)
-	var flushed sync.WaitGroup
-	flushed.Go(func() { stdout.flush(flushBy, outLast...) })
-	flushed.Go(func() { stderr.flush(flushBy, errLast...) })
-	flushed.Wait()
-	os.Exit(code)
-}
-
-// run opens the log file, serves until a signal, and shuts down. It returns
-// nil only if every task queued wrote its line.
-func run(addr, logPath string, delay, drain time.Duration, maxPending int, stdout *console) error {
-	logFile, err := openLog(logPath, stdout) // left open for tasks still running as the process exits
-	if err != nil {
-		return err
-	}
-	tasks := background.NewHandler(routes(logFile, delay))
-	tasks.MaxPending = maxPending
-	return serve(newServer(tasks), tasks, addr, drain, logFile, stdout)
-}
-
-// routes returns the program's one endpoint. An empty email gets the same
-// handler, so that it is told why (422) rather than "404 page not found".
-func routes(logFile *notificationLog, delay time.Duration) http.Handler {
-	mux := http.NewServeMux()
-	h := sendNotification(logFile, delay)
-	mux.Handle("POST /send-notification/{email}", h)
-	mux.Handle("POST /send-notification/{$}", h)
-	return mux
-}
-
-// newServer returns a server for h whose timeouts keep a slow or idle
-// client from holding a connection forever.
-func newServer(h http.Handler) *http.Server {
-	return &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      10 * time.Second, // the response only: tasks run after it
-		IdleTimeout:       60 * time.Second,
-	}
-}
-
-// serve serves on addr until SIGINT, SIGTERM or SIGHUP, then shuts down in
-// two steps within drain. A second signal ends the wait at once. It returns
-// an error if it could not listen, or if a queued line was not written.
-func serve(srv *http.Server, tasks *background.Handler, addr string, drain time.Duration, logFile *notificationLog, stdout *console) error {
+	signal.Ignore(syscall.SIGPIPE) // a stdout whose reader has gone must not end the process
 	signals := make(chan os.Signal, 2)
 	signal.Notify(signals, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return err
+	logFile := &logFile{path: *path}
+	ln, err := net.Listen("tcp", *addr)
+	if err == nil {
+		err = logFile.follow() // before serving, so that a bad path stops it at once
 	}
-	stdout.print(fmt.Sprintf("Listening on http://%s (Ctrl-C to stop)", ln.Addr()))
+	if err == nil {
+		tasks := newHandler(logFile, *delay)
+		tasks.MaxPending = *maxPending
+		err = serve(ln, signals, tasks, logFile, *drain)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "notify:", err)
+		os.Exit(1)
+	}
+	fmt.Fprintln(os.Stderr, "Every task finished.")
+}
+
+// newHandler returns the program's one endpoint, wrapped so that it can add tasks.
+func newHandler(logFile *logFile, delay time.Duration) *background.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("POST /send-notification/{email}", acceptEmail(logFile, sendNotification(logFile, delay)))
+	return background.NewHandler(mux)
+}
+
+// serve serves on ln until a signal or an error, then shuts down in two steps
+// within drain. A second signal exits at once. It returns nil only if every
+// acknowledged line is in the log file.
+func serve(ln net.Listener, signals <-chan os.Signal, tasks *background.Handler, logFile *logFile, drain time.Duration) error {
+	srv := &http.Server{
+		Handler:           tasks,
+		ReadHeaderTimeout: 5 * time.Second, // so that no slow or idle client holds a connection
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second, // the response only: tasks run after it
+		IdleTimeout:       time.Minute,
+		MaxHeaderBytes:    8 << 10, // net/http's 1 MB would let 2,000 clients hold 2 GB
+	}
+	fmt.Fprintf(os.Stderr, "Listening on http://%s (Ctrl-C to stop)\n", ln.Addr())
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
+	var err error
 	select {
-	case err := <-served:
-		return err
+	case err = <-served: // accept failed: drain and count all the same
 	case <-signals:
 	}
-
+	go func() {
+		sig := <-signals
+		fmt.Fprintf(os.Stderr, "notify: second signal (%v): exiting at once; acknowledged lines not in the log file: %d\n", sig, logFile.lost())
+		os.Exit(1)
+	}()
+	fmt.Fprintf(os.Stderr, "Shutting down: finishing responses and tasks, %d pending (up to %v)\n", tasks.Pending(), drain)
 	ctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
-	stopped := make(chan error, 1)
-	go func() { stopped <- shutdown(ctx, srv, tasks) }() // before anything else, so that nothing delays it
-	stdout.print(fmt.Sprintf("Shutting down: finishing responses and tasks (up to %v)", drain))
-	select {
-	case err = <-stopped:
-	case sig := <-signals:
-		return fmt.Errorf("second signal (%v): exiting at once; acknowledged tasks abandoned: %d", sig, logFile.unfinished())
-	}
-	switch unfinished, failed := logFile.unfinished(), logFile.failed.Load(); {
-	case err != nil:
-		return fmt.Errorf("%w after %v; tasks lost unfinished: %d, failed: %d", err, drain, unfinished, failed)
-	case failed > 0:
-		return fmt.Errorf("tasks failed: %d of %d; their lines are not in the log file", failed, logFile.queued.Load())
-	}
-	return nil
-}
-
-// shutdown stops srv and then waits for tasks, within ctx.
-func shutdown(ctx context.Context, srv *http.Server, tasks *background.Handler) error {
 	// Step 1: stop taking requests, and let the responses in flight finish.
-	// Their tasks are queued by the time each handler returns. A response
-	// not sent by the deadline (a client that sent nothing, or reads
-	// nothing) acknowledged nothing: close its connection, and let the
-	// tasks decide the result.
-	if err := srv.Shutdown(ctx); err != nil {
+	// One not sent by the deadline acknowledged nothing: close its connection.
+	if srv.Shutdown(ctx) != nil {
 		srv.Close()
 	}
-	// Step 2: http.Server.Shutdown does not wait for the tasks' goroutines,
-	// so wait for them here.
-	if err := tasks.Shutdown(ctx); err != nil {
-		return errors.New("tasks still running")
+	// Step 2: http.Server.Shutdown does not wait for the tasks.
+	if tasks.Shutdown(ctx) != nil && err == nil {
+		err = fmt.Errorf("tasks still running after %v", drain)
+	}
+	if lost := logFile.lost(); err != nil || lost > 0 {
+		return fmt.Errorf("%w; acknowledged lines not in the log file: %d", cmp.Or(err, errors.New("writes failed")), lost)
 	}
 	return nil
-}
-
-// console prints lines from a goroutine of its own, so that printing never
-// blocks. A line that finds the queue full is skipped, and counted on the
-// next line that gets through.
-type console struct {
-	lines   chan string // "" asks the printer to close flushed and stop
-	skipped atomic.Int64
-	flushed chan struct{}
-}
-
-func newConsole(w io.Writer) *console {
-	c := &console{lines: make(chan string, 4096), flushed: make(chan struct{})}
-	go func() {
-		for line := range c.lines {
-			if line == "" {
-				close(c.flushed)
-				return
-			}
-			if n := c.skipped.Swap(0); n > 0 {
-				fmt.Fprintf(w, "(%d lines skipped: this output fell behind)\n", n)
-			}
-			io.WriteString(w, line)
-		}
-	}()
-	return c
-}
-
-// print queues line, adding a newline, or skips it if the queue is full.
-func (c *console) print(line string) { c.Write([]byte(line + "\n")) }
-
-// Write queues p, or skips it if the queue is full. It makes c an io.Writer,
-// for log.SetOutput.
-func (c *console) Write(p []byte) (int, error) {
-	if len(p) > 0 {
-		select {
-		case c.lines <- string(p):
-		default:
-			c.skipped.Add(1)
-		}
-	}
-	return len(p), nil
-}
-
-// flush prints last after the lines already queued, waiting for room in the
-// queue rather than skipping, then stops the printer once all are printed.
-// It returns by deadline, printed or not.
-func (c *console) flush(deadline time.Time, last ...string) {
-	timeout := time.After(time.Until(deadline))
-	for _, line := range last {
-		select {
-		case c.lines <- line + "\n":
-		case <-timeout:
-			return
-		}
-	}
-	select {
-	case c.lines <- "": // the printer closes flushed when it gets here
-	case <-timeout:
-		return
-	}
-	select {
-	case <-c.flushed:
-	case <-timeout:
-	}
 }
