@@ -152,7 +152,7 @@ func main() {
 	path := flag.String("log", "log.txt", "file the notifications are appended to")
 	delay := flag.Duration("delay", 0, "how long each task waits before writing, like a slow mail server")
 	drain := flag.Duration("drain", 10*time.Second, "how long shutdown waits for responses and tasks")
-	maxPending := flag.Int("max-pending", 40_000, "tasks pending at most, about 4.4 KB each; past it, requests get 503 (0: no limit)")
+	maxPending := flag.Int("max-pending", 40_000, "tasks pending at most; past it, requests get 503 (0: no limit)")
 	flag.Parse()
 	if flag.NArg() > 0 || *path == "" || *delay < 0 || *drain <= 0 || *maxPending < 0 {
 		fmt.Fprintln(os.Stderr, "notify: -log must name a file, -drain must be positive, -delay and -max-pending must not be negative, and no argument may follow the flags")
