@@ -1,8 +1,8 @@
-// Command notify is the FastAPI background-tasks tutorial in Go. It answers
-// POST /send-notification/{email} at once, and a task then appends
-// "Notification sent to: EMAIL" to a log file. On a signal, or if serving fails,
-// it runs the tasks queued and exits. It exits 1 unless every task wrote its
-// line, with a last line that counts acknowledged lines not in the file.
+// Command notify is the FastAPI background-tasks tutorial in Go. POST
+// /send-notification/{email} answers at once; a task then appends
+// "Notification sent to: EMAIL" to a log file. On a signal or a serving error,
+// it runs the queued tasks, and exits 1 unless each wrote its line; then its
+// last line counts the acknowledged lines missing from the file.
 package main
 
 import (
@@ -28,14 +28,14 @@ import (
 	"example.com/background"
 )
 
-// sendNotification is the tutorial's endpoint: it answers at once, and its task
-// writes the line after the response. With a delay, the task waits first.
-func sendNotification(logFile *logFile, delay time.Duration) http.HandlerFunc {
+// sendNotification is the tutorial's endpoint, for an email acceptEmail has
+// checked. It answers at once; its task writes the line after the response.
+func sendNotification(logFile *notificationLog, delay time.Duration) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		message := "Notification sent to: " + r.PathValue("email")
 		background.FromContext(r.Context()).Add(func(ctx context.Context) error {
 			select {
-			case <-time.After(delay):
+			case <-time.After(delay): // -delay: like a slow mail server
 			case <-ctx.Done(): // Shutdown ran out of time
 				return ctx.Err()
 			}
@@ -47,7 +47,7 @@ func sendNotification(logFile *logFile, delay time.Duration) http.HandlerFunc {
 }
 
 // writeLog is the tutorial's write_log: it appends message as a line, and prints it.
-func (l *logFile) writeLog(message string) error {
+func (l *notificationLog) writeLog(message string) error {
 	if err := l.append(message + "\n"); err != nil {
 		return err
 	}
@@ -57,19 +57,19 @@ func (l *logFile) writeLog(message string) error {
 
 // The rest is plumbing: the log file, the email check, and the server.
 
-// logFile appends lines to the file at path, and counts them.
-type logFile struct {
+// notificationLog appends lines to the file at path, and counts them.
+type notificationLog struct {
 	path    string
 	queued  atomic.Int64 // lines acknowledged to a client
 	mu      sync.Mutex   // guards the fields below, and orders the appends
 	file    *os.File
 	written int64
-	closed  bool // by lost, so that no line lands after the count
+	closed  bool // by close, so that no line lands after the count
 }
 
 // append writes line at the end of the file that path names, in one write.
-func (l *logFile) append(line string) error {
-	l.mu.Lock() // appends to one file wait for each other in the kernel anyway
+func (l *notificationLog) append(line string) error {
+	l.mu.Lock() // one append at a time, as the kernel does for one file anyway
 	defer l.mu.Unlock()
 	if l.closed {
 		return errors.New("not written: the program is exiting")
@@ -82,8 +82,8 @@ func (l *logFile) append(line string) error {
 		_, err = l.file.WriteString(line)
 	}
 	if err != nil {
-		// A disk that filled mid-line keeps part of it. Cut that off, or the
-		// next line would be glued on. The lock makes it our part.
+		// A disk that filled mid-line keeps part of it. Cut it off at end, where
+		// O_APPEND began it, or the next line would be glued on.
 		l.file.Truncate(end)
 		return err
 	}
@@ -91,9 +91,9 @@ func (l *logFile) append(line string) error {
 	return nil
 }
 
-// follow opens the file at l.path if it is not open: at first, or after it was
-// rotated or deleted. Kept open, it needs no descriptor that a flood could take.
-func (l *logFile) follow() error {
+// follow opens the file at l.path at first (the nil l.file's Stat fails), and
+// again once it was rotated or deleted. Kept open, it needs no fd per line.
+func (l *notificationLog) follow() error {
 	atPath, err := os.Stat(l.path)
 	if open, _ := l.file.Stat(); err == nil && os.SameFile(atPath, open) {
 		return nil
@@ -107,8 +107,8 @@ func (l *logFile) follow() error {
 	return nil
 }
 
-// lost stops all appends, and counts the acknowledged lines not in the file.
-func (l *logFile) lost() int64 {
+// close stops all appends, and counts the acknowledged lines not in the file.
+func (l *notificationLog) close() (lost int64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.closed = true
@@ -117,7 +117,7 @@ func (l *logFile) lost() int64 {
 
 // acceptEmail answers 422 unless the email is a bare address, as FastAPI checks
 // parameters first. Otherwise it counts the line that next acknowledges.
-func acceptEmail(l *logFile, next http.Handler) http.HandlerFunc {
+func acceptEmail(l *notificationLog, next http.Handler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if err := checkEmail(r.PathValue("email")); err != nil {
 			detail, _ := json.Marshal(map[string]string{"detail": err.Error()})
@@ -162,7 +162,7 @@ func main() {
 	signal.Ignore(syscall.SIGPIPE) // a stdout whose reader has gone must not end the process
 	signals := make(chan os.Signal, 2)
 	signal.Notify(signals, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
-	logFile := &logFile{path: *path}
+	logFile := &notificationLog{path: *path}
 	ln, err := net.Listen("tcp", *addr)
 	if err == nil {
 		err = logFile.follow() // before serving, so that a bad path stops it at once
@@ -180,7 +180,7 @@ func main() {
 }
 
 // newHandler returns the program's one endpoint, wrapped so that it can add tasks.
-func newHandler(logFile *logFile, delay time.Duration) *background.Handler {
+func newHandler(logFile *notificationLog, delay time.Duration) *background.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("POST /send-notification/{email}", acceptEmail(logFile, sendNotification(logFile, delay)))
 	return background.NewHandler(mux)
@@ -189,7 +189,7 @@ func newHandler(logFile *logFile, delay time.Duration) *background.Handler {
 // serve serves on ln until a signal or an error, then shuts down in two steps
 // within drain. A second signal exits at once. It returns nil only if every
 // acknowledged line is in the log file.
-func serve(ln net.Listener, signals <-chan os.Signal, tasks *background.Handler, logFile *logFile, drain time.Duration) error {
+func serve(ln net.Listener, signals <-chan os.Signal, tasks *background.Handler, logFile *notificationLog, drain time.Duration) error {
 	srv := &http.Server{
 		Handler:           tasks,
 		ReadHeaderTimeout: 5 * time.Second, // so that no slow or idle client holds a connection
@@ -208,7 +208,7 @@ func serve(ln net.Listener, signals <-chan os.Signal, tasks *background.Handler,
 	}
 	go func() {
 		sig := <-signals
-		fmt.Fprintf(os.Stderr, "notify: second signal (%v): exiting at once; acknowledged lines not in the log file: %d\n", sig, logFile.lost())
+		fmt.Fprintf(os.Stderr, "notify: second signal (%v): exiting at once; acknowledged lines not in the log file: %d\n", sig, logFile.close())
 		os.Exit(1)
 	}()
 	fmt.Fprintf(os.Stderr, "Shutting down: finishing responses and tasks, %d pending (up to %v)\n", tasks.Pending(), drain)
@@ -223,7 +223,7 @@ func serve(ln net.Listener, signals <-chan os.Signal, tasks *background.Handler,
 	if tasks.Shutdown(ctx) != nil && err == nil {
 		err = fmt.Errorf("tasks still running after %v", drain)
 	}
-	if lost := logFile.lost(); err != nil || lost > 0 {
+	if lost := logFile.close(); err != nil || lost > 0 {
 		return fmt.Errorf("%w; acknowledged lines not in the log file: %d", cmp.Or(err, errors.New("writes failed")), lost)
 	}
 	return nil

@@ -31,8 +31,8 @@ const failSafe = 30 * time.Second
 
 // newLog returns a log file in a temporary directory, which its first line
 // creates.
-func newLog(t *testing.T) *logFile {
-	l := &logFile{path: filepath.Join(t.TempDir(), "log.txt")}
+func newLog(t *testing.T) *notificationLog {
+	l := &notificationLog{path: filepath.Join(t.TempDir(), "log.txt")}
 	t.Cleanup(func() { l.file.Close() })
 	return l
 }
@@ -70,8 +70,8 @@ func TestEndpointAnswersLikeTheTutorialOrWith422AndAnInvalidEmailQueuesNothing(t
 		}
 	}
 	h.Shutdown(context.Background()) // waits for the task
-	if got := read(t, l.path); got != "Notification sent to: "+valid+"\n" || l.lost() != 0 {
-		t.Errorf("log file = %q, and %d lines lost; want the valid email's line alone", got, l.lost())
+	if got := read(t, l.path); got != "Notification sent to: "+valid+"\n" || l.close() != 0 {
+		t.Errorf("log file = %q, and %d lines lost; want the valid email's line alone", got, l.close())
 	}
 }
 
