@@ -29,8 +29,7 @@ const failSafe = 30 * time.Second
 
 // --- The endpoint, the email check and serve, in process ---
 
-// newLog returns a log file in a temporary directory, which its first line
-// creates.
+// newLog returns a log file in a temporary directory; its first line creates it.
 func newLog(t *testing.T) *notificationLog {
 	l := &notificationLog{path: filepath.Join(t.TempDir(), "log.txt")}
 	t.Cleanup(func() { l.file.Close() })
@@ -294,49 +293,51 @@ func TestBadFlagsOrLogPathStopItBeforeServing(t *testing.T) {
 	}
 }
 
-func TestSIGTERMMidFloodKeepsALineForEach200AndRefusesPastTheLimit(t *testing.T) {
-	t.Parallel()
-	p := start(t, "", "read", "-delay", "100ms", "-max-pending", "50")
-	go func() {
-		for range 500 { // lines, over a second at least: time for the flood to reach the limit
-			<-p.stdout
-		}
-		p.cmd.Process.Signal(syscall.SIGTERM)
-	}()
-	ok, refused := p.flood(t, 1_000_000, 32) // until the server stops
-	last := p.stop(t, syscall.Signal(0), 0)  // signal 0 is none: SIGTERM has been sent
-	if refused == 0 {
-		t.Error("no request refused at -max-pending 50")
-	}
-	p.checkLines(t, ok, last)
-}
-
-// Tasks cut off by the drain's deadline, or by a second signal, are counted
-// while they write their lines. A line written after the count would break it.
-func TestTasksCutOffAreCountedExactly(t *testing.T) {
+// However the program is stopped mid-flood, each 200 has its line, or the last
+// line counts it. A line written after the count would break that.
+func TestFloodStoppedAnyWayKeepsALineOrACountForEach200(t *testing.T) {
 	t.Parallel()
 	for _, stop := range []struct {
 		drain  string
 		second os.Signal // signal 0 is none
+		code   int
 		last   string
 	}{
-		{"10ms", syscall.Signal(0), "notify: tasks still running after 10ms; "},
-		{"1h", syscall.SIGTERM, "notify: second signal (terminated): exiting at once; "},
+		{"1h", syscall.Signal(0), 0, "Every task finished."},
+		{"10ms", syscall.Signal(0), 1, "notify: tasks still running after 10ms; "},
+		{"1h", syscall.SIGTERM, 1, "notify: second signal (terminated): exiting at once; "},
 	} {
-		p := start(t, "", "read", "-delay", "50ms", "-drain", stop.drain)
-		ok, _ := p.flood(t, 3000, 16) // their tasks end over a spread of time
+		p := start(t, "", "read", "-delay", "500ms", "-drain", stop.drain)
+		var ok []string
+		flooded := make(chan struct{})
+		go func() { ok, _ = p.flood(t, 1_000_000, 16); close(flooded) }()
+		for range 200 { // lines, so that tasks end while those of the last 500 ms wait
+			<-p.stdout
+		}
+		if stop.second == syscall.SIGTERM {
+			p.dial(t) // sends nothing, and holds srv.Shutdown for seconds: the drain outlasts any delay here
+		}
 		p.cmd.Process.Signal(syscall.SIGTERM)
 		p.expect(t, p.stderr, "Shutting down") // two signals sent at once may arrive as one
-		if last := p.stop(t, stop.second, 1); !strings.HasPrefix(last, stop.last) {
-			t.Errorf("last line %q, want %q and a count", last, stop.last)
-		} else {
-			p.checkLines(t, ok, last)
+		last := p.stop(t, stop.second, stop.code)
+		if <-flooded; !strings.HasPrefix(last, stop.last) {
+			t.Errorf("last line %q, want %q", last, stop.last)
 		}
+		p.checkLines(t, ok, last)
 	}
 }
 
-// A stdout nobody reads holds up the tasks that print to it, but they have
-// written their lines first. One whose reader has gone holds up nothing.
+func TestRequestsPastMaxPendingGet503WithRetryAfter(t *testing.T) {
+	t.Parallel()
+	p := start(t, "", "read", "-delay", "1h", "-max-pending", "1", "-drain", "10ms")
+	ok, refused := p.flood(t, 3, 1) // flood fails the test on a 503 without Retry-After: 1
+	if len(ok) != 1 || refused != 2 {
+		t.Errorf("%d answered 200 and %d refused; want 1 and 2, at -max-pending 1", len(ok), refused)
+	}
+	p.checkLines(t, ok, p.stop(t, syscall.SIGTERM, 1))
+}
+
+// A stdout nobody reads holds up tasks only once they have written their lines.
 func TestStdoutNobodyReadsCostsNoLine(t *testing.T) {
 	t.Parallel()
 	for stdout, code := range map[string]int{"unread": 1, "closed": 0} {
@@ -346,8 +347,7 @@ func TestStdoutNobodyReadsCostsNoLine(t *testing.T) {
 	}
 }
 
-// The shell limits the size of the files notify writes. At the limit, a write
-// stops part way, as on a full disk. prlimit then frees the space.
+// At a file size limit, a write stops part way, as on a full disk; prlimit frees it.
 func TestFullDiskLeavesNoPartLineAndCountsExactly(t *testing.T) {
 	t.Parallel()
 	if _, err := exec.LookPath("prlimit"); err != nil {
