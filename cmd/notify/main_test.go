@@ -285,8 +285,10 @@ func TestProgramFollowsTheTutorialAndDrainsOnEveryStopSignal(t *testing.T) {
 
 func TestBadFlagsOrLogPathStopItBeforeServing(t *testing.T) {
 	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), failSafe)
+	defer cancel()
 	for _, args := range [][]string{{"-delay", "-1s"}, {"-drain", "0s"}, {"-max-pending", "-1"}, {"-log", ""}, {"extra"}, {"-log", "no/such/dir/log.txt"}} {
-		out, err := exec.Command(bin, append([]string{"-addr", "127.0.0.1:0"}, args...)...).CombinedOutput()
+		out, err := exec.CommandContext(ctx, bin, append([]string{"-addr", "127.0.0.1:0"}, args...)...).CombinedOutput()
 		if err == nil || !strings.HasPrefix(string(out), "notify: ") || strings.Contains(string(out), "Listening") {
 			t.Errorf("notify %q: %v, output %q; want a non-zero exit, and only a notify: line saying why", args, err, out)
 		}
@@ -400,18 +402,10 @@ func TestTasksWriteTheirLinesThoughFileDescriptorsRunOut(t *testing.T) {
 func TestHeaderFloodStaysUnder512MB(t *testing.T) {
 	t.Parallel()
 	p := start(t, "", "read", "-drain", "200ms")
-	pad := strings.Repeat("a", 64<<10)
+	request := []byte("POST /send-notification/a@example.com HTTP/1.1\r\nHost: x\r\nX-Pad: " + strings.Repeat("a", 1<<20)) // never ended
 	var wg sync.WaitGroup
 	for range 2000 {
-		wg.Go(func() {
-			conn := p.dial(t)
-			io.WriteString(conn, "POST /send-notification/a@example.com HTTP/1.1\r\nHost: x\r\nX-Pad: ")
-			for range 16 { // 1 MB of one header, never ended
-				if _, err := io.WriteString(conn, pad); err != nil {
-					return // the server has refused it
-				}
-			}
-		})
+		wg.Go(func() { p.dial(t).Write(request) }) // returns once the server has read it all, or refused it
 	}
 	wg.Wait()
 	if peak := p.memory(t, "VmHWM"); peak > 512<<20 {
