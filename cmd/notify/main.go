@@ -1,8 +1,8 @@
 // Command notify is the FastAPI background-tasks tutorial in Go. POST
 // /send-notification/{email} answers at once; a task then appends
 // "Notification sent to: EMAIL" to a log file. On a signal or a serving error,
-// it runs the queued tasks, and exits 1 unless each wrote its line; then its
-// last line counts the acknowledged lines missing from the file.
+// it runs the queued tasks. It exits 0 only if a signal stopped it and every
+// task wrote its line; else its last line says why, and counts lines lost.
 package main
 
 import (
