@@ -40,10 +40,11 @@ import (
 // This file checks the promises of package background, one section for each,
 // in the order below; each section's heading says what it checks. A
 // section's tests share its name prefix, so that go test -run TestShutdown .
-// runs that section alone. Each test that serves requests runs over HTTP/1.1
-// and over HTTP/2, in subtests named h1 and h2 (go test -run /h2 . runs the
-// HTTP/2 ones), unless its promise is HTTP/1's alone; each fails if it
-// leaves a goroutine running. Helpers and Examples come first
+// runs that section alone. The tests of tasks (sections 3 to 9) call
+// ServeHTTP in process, once, in a synctest bubble. The tests of the wire
+// run over HTTP/1.1 and over HTTP/2, in subtests named h1 and h2 (go test
+// -run /h2 . runs the HTTP/2 ones), unless their promise is HTTP/1's alone.
+// Either way, a test fails if it leaves a goroutine running. Helpers and Examples come first
 // (Example_testing shows how to unit-test a handler that adds tasks); what
 // only one section uses sits with that section.
 //
@@ -477,34 +478,6 @@ func panicOf(h http.Handler) (v any) {
 	defer func() { v = recover() }()
 	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
 	return nil
-}
-
-// getEach sends GET /?id=N to srv for every N from 0 to requests-1, from
-// clients goroutines at once, and returns when all have been answered.
-func getEach(t *testing.T, srv *testServer, requests, clients int) {
-	t.Helper()
-	ids := make(chan int, requests)
-	for id := range requests {
-		ids <- id
-	}
-	close(ids)
-	var wg sync.WaitGroup
-	for range clients {
-		wg.Go(func() {
-			for id := range ids {
-				if _, err := tryGet(srv.Client(), fmt.Sprintf("%s/?id=%d", srv.URL, id)); err != nil {
-					t.Error(err)
-				}
-			}
-		})
-	}
-	wg.Wait()
-}
-
-// requestID returns the id that getEach put in r's URL.
-func requestID(r *http.Request) int {
-	id, _ := strconv.Atoi(r.URL.Query().Get("id"))
-	return id
 }
 
 // addTask adds task to r's request; it panics if r is not served through a
@@ -1002,110 +975,100 @@ func TestConnectionClientLeavingBeforeReadingStillGetsTasksRunOnce(t *testing.T)
 
 // --- 3. TestOrder…: in order within a request, concurrently across requests ---
 
-func TestOrderTasksOfOneRequestRunOneAtATimeInOrder(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		var (
-			mu      sync.Mutex
-			order   []int
-			running atomic.Int32
-		)
-		task := func(n int, then func(ctx context.Context)) func(context.Context) error {
-			return func(ctx context.Context) error {
-				if running.Add(1) != 1 {
-					t.Errorf("task %d started while another task of its request was running", n)
-				}
-				mu.Lock()
-				order = append(order, n)
-				mu.Unlock()
-				if then != nil {
-					then(ctx)
-				}
-				running.Add(-1)
-				return nil
-			}
-		}
-		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			tasks := background.FromContext(r.Context())
-			tasks.Add(task(1, func(ctx context.Context) {
-				background.FromContext(ctx).Add(task(5, nil)) // after those already queued
-			}))
-			for n := 2; n <= 4; n++ {
-				tasks.Add(task(n, nil))
-			}
-		})
-		get(t, srv.Client(), srv.URL)
-		shutdown(t, h)
+// Sections 3 to 9 are about tasks, which no connection changes. Their tests
+// call ServeHTTP with a ResponseRecorder inside a synctest bubble. Its clock
+// is fake, and it fails a test that leaves a goroutine blocked.
 
-		mu.Lock()
-		defer mu.Unlock()
-		if want := []int{1, 2, 3, 4, 5}; !slices.Equal(order, want) {
-			t.Errorf("tasks ran in order %v, want %v", order, want)
+// serveOnce serves one request with h, in the calling goroutine.
+func serveOnce(h http.Handler, method, target string) *httptest.ResponseRecorder {
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(method, target, nil))
+	return rec
+}
+
+func TestOrderTasksOfOneRequestRunOneAtATimeInOrder(t *testing.T) {
+	synctest.Test(t, testOrderOneAtATime)
+}
+
+func testOrderOneAtATime(t *testing.T) {
+	var order []int // tasks that overlap would race on it
+	var running atomic.Int32
+	var task func(n int) func(context.Context) error
+	task = func(n int) func(context.Context) error {
+		return func(ctx context.Context) error {
+			if running.Add(1) != 1 {
+				t.Errorf("task %d started while another task of its request was running", n)
+			}
+			order = append(order, n)
+			if n == 1 {
+				background.FromContext(ctx).Add(task(5)) // after those already queued
+			}
+			time.Sleep(time.Second) // long enough, on the bubble's clock, for a task to overlap
+			running.Add(-1)
+			return nil
+		}
+	}
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		for n := 1; n <= 4; n++ {
+			addTask(r, task(n))
 		}
 	})
+	serveOnce(h, "GET", "/")
+	h.Shutdown(context.Background())
+	if want := []int{1, 2, 3, 4, 5}; !slices.Equal(order, want) {
+		t.Errorf("tasks ran in order %v, want %v", order, want)
+	}
 }
 
 func TestOrderTasksOfDifferentRequestsRunConcurrently(t *testing.T) {
-	// In a synctest bubble, which waits until every goroutine in it is
-	// blocked, a task queued behind another request's shows at once.
-	synctest.Test(t, func(t *testing.T) {
-		g := newGate()
-		h := background.NewHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { addTask(r, g.task) }))
-		var requests sync.WaitGroup
-		for _, path := range []string{"/a", "/b"} {
-			requests.Go(func() { h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", path, nil)) })
-		}
-		synctest.Wait()
-		if n := len(g.started); n != 2 {
-			t.Errorf("%d of the two requests' tasks are running; want both at once", n)
-		}
-		g.open()
-		requests.Wait()
-		h.Shutdown(context.Background())
-	})
-	run(t, func(t *testing.T, p proto) {
-		g := newGate()
-		defer g.open()
-		srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) { addTask(r, g.task) })
-		get(t, srv.Client(), srv.URL+"/a")
-		get(t, srv.Client(), srv.URL+"/b")
-		await(t, g.started, "a task")
-		await(t, g.started, "the other request's task, while the first one runs")
-	})
+	synctest.Test(t, testOrderConcurrently)
+}
+
+func testOrderConcurrently(t *testing.T) {
+	g := newGate()
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) { addTask(r, g.task) })
+	serveOnce(h, "GET", "/a")
+	serveOnce(h, "GET", "/b")
+	synctest.Wait() // every goroutine in the bubble is blocked
+	if n := len(g.started); n != 2 {
+		t.Errorf("%d of the two requests' tasks are running; want both at once", n)
+	}
+	g.open()
 }
 
 func TestOrderEveryTaskRunsExactlyOnceUnderConcurrentRequests(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		const (
-			requests   = 300
-			goroutines = 4 // per request, each adding tasksEach tasks
-			tasksEach  = 2
-			clients    = 16
-		)
-		var runs [requests][goroutines * tasksEach]atomic.Int32
-		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			id := requestID(r)
-			tasks := background.FromContext(r.Context())
-			var wg sync.WaitGroup
-			for g := range goroutines {
-				wg.Go(func() {
-					for k := range tasksEach {
-						slot := &runs[id][g*tasksEach+k]
-						tasks.Add(func(context.Context) error { slot.Add(1); return nil })
-					}
-				})
-			}
-			wg.Wait()
-		})
-		getEach(t, srv, requests, clients)
-		shutdown(t, h)
-		for id := range runs {
-			for k := range runs[id] {
-				if n := runs[id][k].Load(); n != 1 {
-					t.Errorf("request %d task %d ran %d times, want once", id, k, n)
+	synctest.Test(t, testOrderExactlyOnce)
+}
+
+func testOrderExactlyOnce(t *testing.T) {
+	const requests, adders, tasksEach = 300, 4, 2 // adders: goroutines of each request that add tasks
+	var runs [requests][adders * tasksEach]atomic.Int32
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		id, _ := strconv.Atoi(r.URL.Query().Get("id"))
+		var wg sync.WaitGroup
+		for a := range adders {
+			wg.Go(func() {
+				for k := range tasksEach {
+					slot := &runs[id][a*tasksEach+k]
+					addTask(r, func(context.Context) error { slot.Add(1); return nil })
 				}
+			})
+		}
+		wg.Wait()
+	})
+	var requestsDone sync.WaitGroup
+	for id := range requests {
+		requestsDone.Go(func() { serveOnce(h, "GET", fmt.Sprintf("/?id=%d", id)) })
+	}
+	requestsDone.Wait()
+	h.Shutdown(context.Background())
+	for id := range runs {
+		for k := range runs[id] {
+			if n := runs[id][k].Load(); n != 1 {
+				t.Errorf("request %d task %d ran %d times, want once", id, k, n)
 			}
 		}
-	})
+	}
 }
 
 // --- 4. TestContext…: values, and only Shutdown's cancellation ---
@@ -1113,49 +1076,36 @@ func TestOrderEveryTaskRunsExactlyOnceUnderConcurrentRequests(t *testing.T) {
 type ctxKey string
 
 func TestContextOfTaskHasValuesButOnlyShutdownCancelsIt(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		type result struct {
-			middleware, handler any
-			err                 error
-			hasDeadline         bool
-		}
-		results := make(chan result, 1)
-		causes := make(chan error, 1)
-		requestOver := errors.New("request over")
-		inner := func(w http.ResponseWriter, r *http.Request) {
-			reqCtx := r.Context()
-			ctx := context.WithValue(reqCtx, ctxKey("handler"), "from the handler")
-			background.FromContext(ctx).Add(func(ctx context.Context) error {
-				<-reqCtx.Done() // the handler has returned, and the request is over
-				_, ok := ctx.Deadline()
-				results <- result{ctx.Value(ctxKey("middleware")), ctx.Value(ctxKey("handler")), ctx.Err(), ok}
-				<-ctx.Done()
-				causes <- context.Cause(ctx)
-				return nil
-			})
-		}
-		// Middleware inside the wrapper adds a value to the request's context,
-		// and ends that context with a cause of its own.
-		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), ctxKey("middleware"), "from middleware"))
-			defer cancel(requestOver)
-			inner(w, r.WithContext(ctx))
+	synctest.Test(t, testContextValuesAndCancel)
+}
+
+func testContextValuesAndCancel(t *testing.T) {
+	var taskCtx context.Context
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		// Middleware inside the wrapper adds a value, and ends its context
+		// with a cause of its own as the handler returns, as net/http does.
+		ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), ctxKey("middleware"), "from middleware"))
+		defer cancel(errors.New("request over"))
+		ctx = context.WithValue(ctx, ctxKey("handler"), "from the handler")
+		background.FromContext(ctx).Add(func(ctx context.Context) error {
+			taskCtx = ctx
+			<-ctx.Done()
+			return nil
 		})
-		get(t, srv.Client(), srv.URL)
-
-		got := await(t, results, "the task")
-		if got.middleware != "from middleware" || got.handler != "from the handler" {
-			t.Errorf("task saw values %q and %q, want the middleware's and the handler's", got.middleware, got.handler)
-		}
-		if got.err != nil || got.hasDeadline {
-			t.Errorf("after the request ended, the task's ctx has Err %v, deadline %v; want neither", got.err, got.hasDeadline)
-		}
-
-		h.Shutdown(expired())
-		if cause := await(t, causes, "the task's ctx to be canceled"); cause != context.Canceled {
-			t.Errorf("canceled by Shutdown, the task's ctx has cause %v, want context.Canceled", cause)
-		}
 	})
+	serveOnce(h, "GET", "/")
+	synctest.Wait() // the task waits, the request over
+	if a, b := taskCtx.Value(ctxKey("middleware")), taskCtx.Value(ctxKey("handler")); a != "from middleware" || b != "from the handler" {
+		t.Errorf("task saw values %q and %q, want the middleware's and the handler's", a, b)
+	}
+	if _, ok := taskCtx.Deadline(); ok || taskCtx.Err() != nil {
+		t.Errorf("after the request ended, the task's ctx has Err %v, deadline %v; want neither", taskCtx.Err(), ok)
+	}
+	h.Shutdown(expired())
+	synctest.Wait()
+	if cause := context.Cause(taskCtx); cause != context.Canceled {
+		t.Errorf("canceled by Shutdown, the task's ctx has cause %v, want context.Canceled", cause)
+	}
 }
 
 // Middleware may print r.Context() while the handler adds a task: it reads
@@ -1181,13 +1131,16 @@ func TestContextOfRequestPrintsAsWithValueDoesWhileTasksAreAdded(t *testing.T) {
 // Real tasks add a logger, a span or a request ID to their ctx before they
 // derive a timeout from it, so half the contexts here go through such a layer.
 func TestContextDerivedFromTaskContextStartsNoGoroutineAndSeesShutdown(t *testing.T) {
+	synctest.Test(t, testContextDerived)
+}
+
+func testContextDerived(t *testing.T) {
 	const derived = 400
-	goroutines := make(chan int, 1) // how many the derived contexts added
-	errs := make(chan error, 1)
+	var ctxs []context.Context
+	var goroutines int // how many the derived contexts added
 	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		addTask(r, func(ctx context.Context) error {
 			before := runtime.NumGoroutine()
-			var ctxs []context.Context
 			for i := range derived {
 				parent := ctx
 				if i%2 == 0 {
@@ -1200,98 +1153,55 @@ func TestContextDerivedFromTaskContextStartsNoGoroutineAndSeesShutdown(t *testin
 				defer cancel()
 				ctxs = append(ctxs, c)
 			}
-			goroutines <- runtime.NumGoroutine() - before
+			goroutines = runtime.NumGoroutine() - before
 			<-ctx.Done() // Shutdown has given up
-			for i, c := range ctxs {
-				if _, ok := receive(c.Done()); !ok {
-					errs <- fmt.Errorf("derived context %d was not canceled with the task's", i)
-					return nil
-				}
-			}
-			errs <- nil
 			return nil
 		})
 	})
-	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
-	if n := await(t, goroutines, "the task"); n > derived/10 {
-		t.Errorf("%d contexts derived from the task's ctx started %d goroutines; want next to none", derived, n)
+	serveOnce(h, "GET", "/")
+	synctest.Wait()
+	if goroutines > derived/10 {
+		t.Errorf("%d contexts derived from the task's ctx started %d goroutines; want next to none", derived, goroutines)
 	}
 	h.Shutdown(expired())
-	if err := await(t, errs, "the task to see its derived contexts end"); err != nil {
-		t.Error(err)
+	synctest.Wait()
+	for i, c := range ctxs {
+		if c.Err() == nil {
+			t.Fatalf("derived context %d was not canceled with the task's", i)
+		}
 	}
 }
 
 // --- 5. TestFailure…: failures are logged, and the rest still run ---
 
 func TestFailureOfTasksIsLoggedAndTheRestStillRun(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		ran := make(chan struct{})
-		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			if r.URL.Path != "/jobs" {
-				return
-			}
-			addTask(r, func(context.Context) error { return errors.New("mail server said no") })
-			addTask(r, func(context.Context) error { panic("task blew up") })
-			addTask(r, func(context.Context) error { close(ran); return nil })
-		})
-		do(t, srv.Client(), "POST", srv.URL+"/jobs")
-		await(t, ran, "the task after the failing ones")
-		shutdown(t, h)
-
-		failed := logs.find(t, "task failed")
-		if failed == nil || failed["err"] != "mail server said no" || failed["method"] != "POST" || failed["path"] != "/jobs" {
-			t.Errorf("task error logged as %v; want its error, method and path", failed)
-		}
-		panicked := logs.find(t, "task panicked")
-		if panicked == nil || panicked["panic"] != "task blew up" || panicked["method"] != "POST" || panicked["path"] != "/jobs" ||
-			!strings.Contains(fmt.Sprint(panicked["stack"]), "background_test.TestFailureOfTasksIsLoggedAndTheRestStillRun") {
-			t.Errorf("task panic logged as %v; want its value, method, path and stack", panicked)
-		}
-		get(t, srv.Client(), srv.URL+"/still-up")
-	})
+	synctest.Test(t, testFailureLogged)
 }
 
-func TestFailureUnderLoadLeavesTheRestRunningOnce(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		const requests, clients = 200, 8
-		var runs [requests]atomic.Int32
-		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			if r.URL.Path == "/alive" {
-				return
-			}
-			id := requestID(r)
-			tasks := []func(context.Context) error{
-				func(context.Context) error { panic(fmt.Sprintf("task of request %d panics", id)) },
-				func(context.Context) error { return fmt.Errorf("task of request %d fails", id) },
-				func(context.Context) error { runs[id].Add(1); return nil },
-			}
-			for k := range tasks { // the counting task comes first, second or last
-				addTask(r, tasks[(k+id)%len(tasks)])
-			}
-		})
-		getEach(t, srv, requests, clients)
-		shutdown(t, h)
-
-		get(t, srv.Client(), srv.URL+"/alive")
-		for id := range runs {
-			if n := runs[id].Load(); n != 1 {
-				t.Errorf("request %d's counting task ran %d times, want once", id, n)
-			}
-		}
-		panicked, failed := 0, 0
-		for _, rec := range logs.records(t) {
-			switch rec["msg"] {
-			case "background: task panicked":
-				panicked++
-			case "background: task failed":
-				failed++
-			}
-		}
-		if panicked < requests || failed < requests {
-			t.Errorf("logged %d panics and %d failures, want at least %d of each", panicked, failed, requests)
-		}
+func testFailureLogged(t *testing.T) {
+	var ran bool
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { return errors.New("mail server said no") })
+		addTask(r, func(context.Context) error { panic("task blew up") })
+		addTask(r, func(context.Context) error { runtime.Goexit(); return nil }) // as t.FailNow in a fake does
+		addTask(r, func(context.Context) error { ran = true; return nil })
 	})
+	serveOnce(h, "POST", "/jobs")
+	if err := h.Shutdown(context.Background()); err != nil || !ran {
+		t.Errorf("Shutdown = %v, and the task after the failing ones ran: %v; want nil and true", err, ran)
+	}
+	failed := logs.find(t, "task failed")
+	if failed == nil || failed["err"] != "mail server said no" || failed["method"] != "POST" || failed["path"] != "/jobs" {
+		t.Errorf("task error logged as %v; want its error, method and path", failed)
+	}
+	panicked := logs.find(t, "task panicked")
+	if panicked == nil || panicked["panic"] != "task blew up" || panicked["path"] != "/jobs" ||
+		!strings.Contains(fmt.Sprint(panicked["stack"]), "background_test.testFailureLogged") {
+		t.Errorf("task panic logged as %v; want its value, path and stack", panicked)
+	}
+	if exited := logs.find(t, "Goexit"); exited == nil || exited["level"] != "ERROR" || exited["path"] != "/jobs" {
+		t.Errorf("the exit was logged as %v; want an error naming /jobs", exited)
+	}
 }
 
 // stuckWriter blocks every Write until unblock is closed, like a log pipe
@@ -1310,48 +1220,29 @@ func (w *stuckWriter) Write(p []byte) (int, error) {
 // No log line is written with the Handler's lock held, so a stuck log
 // stalls only the goroutine that writes it.
 func TestFailureLogLineThatBlocksHoldsUpNoOtherTask(t *testing.T) {
+	synctest.Test(t, testFailureLogBlocks)
+}
+
+func testFailureLogBlocks(t *testing.T) {
 	stuck := &stuckWriter{writing: make(chan struct{}), unblock: make(chan struct{})}
-	ran := make(chan struct{})
+	var ran atomic.Bool
 	h := background.NewHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/" { // panicOf's request: its dropped task is logged
 			addTask(r, func(context.Context) error { return nil })
 			panic("handler blew up")
 		}
-		addTask(r, func(context.Context) error { close(ran); return nil })
+		addTask(r, func(context.Context) error { ran.Store(true); return nil })
 	}))
 	h.Logger = slog.New(slog.NewTextHandler(stuck, nil))
-	panicked := make(chan any, 1)
-	go func() { panicked <- panicOf(h) }()
-	await(t, stuck.writing, "the dropped task's log line")
-
-	go h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/other", nil))
-	await(t, ran, "another request's task, while a log line is stuck")
+	go panicOf(h)
+	<-stuck.writing
+	serveOnce(h, "GET", "/other")
+	synctest.Wait()
+	if !ran.Load() {
+		t.Error("another request's task did not run while a log line was stuck")
+	}
 	close(stuck.unblock)
-	await(t, panicked, "the panicking request")
-	shutdown(t, h)
-}
-
-// t.FailNow, t.Fatal and testify's require end a task with runtime.Goexit
-// when a test's fake calls them: the request's next task must still run,
-// and Shutdown must not wait for the one that exited.
-func TestFailureGoexitIsLoggedAndTheRestStillRun(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		next := make(chan struct{})
-		h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-			addTask(r, func(context.Context) error { runtime.Goexit(); return nil })
-			addTask(r, func(context.Context) error { close(next); return nil })
-		})
-		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("POST", "/jobs", nil))
-		if err := h.Shutdown(context.Background()); err != nil {
-			t.Fatalf("Shutdown = %v, want nil", err)
-		}
-		if _, ok := receive(next); !ok {
-			t.Error("the task after the one that called runtime.Goexit did not run")
-		}
-		if rec := logs.find(t, "Goexit"); rec == nil || rec["level"] != "ERROR" || rec["path"] != "/jobs" {
-			t.Errorf("the exit was logged as %v; want an error naming /jobs", rec)
-		}
-	})
+	h.Shutdown(context.Background())
 }
 
 // requestIDs is a slog.Handler that adds the request ID that a record's
@@ -1366,85 +1257,63 @@ func (h requestIDs) Handle(ctx context.Context, rec slog.Record) error {
 }
 
 func TestFailureLinesCarryTheTasksContext(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-			ctx := context.WithValue(r.Context(), ctxKey("request-id"), r.URL.Path) // middleware, say
-			tasks := background.FromContext(ctx)
-			tasks.Add(func(context.Context) error { return errors.New("mail server said no") })
-			tasks.Add(func(context.Context) error { panic("task blew up") })
-			tasks.Add(func(context.Context) error { runtime.Goexit(); return nil })
-			if r.URL.Path == "/" { // panicOf's request: its three tasks are dropped
-				panic("handler blew up")
-			}
-		})
-		h.Logger = slog.New(requestIDs{h.Logger.Handler()})
-		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/runs", nil))
-		panicOf(h)
-		h.Shutdown(context.Background())
+	synctest.Test(t, testFailureLinesCarryContext)
+}
 
-		lines := logs.lines(t, "request_id")
-		want := []string{
-			"background: task called runtime.Goexit /runs",
-			"background: task dropped /",
-			"background: task dropped /",
-			"background: task dropped /",
-			"background: task failed /runs",
-			"background: task panicked /runs",
-		}
-		if !slices.Equal(lines, want) {
-			t.Errorf("log lines and their request IDs:\n%s\nwant:\n%s", strings.Join(lines, "\n"), strings.Join(want, "\n"))
+func testFailureLinesCarryContext(t *testing.T) {
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		ctx := context.WithValue(r.Context(), ctxKey("request-id"), r.URL.Path) // middleware, say
+		tasks := background.FromContext(ctx)
+		tasks.Add(func(context.Context) error { return errors.New("mail server said no") })
+		tasks.Add(func(context.Context) error { panic("task blew up") })
+		tasks.Add(func(context.Context) error { runtime.Goexit(); return nil })
+		if r.URL.Path == "/" { // panicOf's request: its three tasks are dropped
+			panic("handler blew up")
 		}
 	})
+	h.Logger = slog.New(requestIDs{h.Logger.Handler()})
+	serveOnce(h, "GET", "/runs")
+	panicOf(h)
+	h.Shutdown(context.Background())
+	want := []string{
+		"background: task called runtime.Goexit /runs",
+		"background: task dropped /", "background: task dropped /", "background: task dropped /",
+		"background: task failed /runs",
+		"background: task panicked /runs",
+	}
+	if lines := logs.lines(t, "request_id"); !slices.Equal(lines, want) {
+		t.Errorf("log lines and their request IDs:\n%s\nwant:\n%s", strings.Join(lines, "\n"), strings.Join(want, "\n"))
+	}
 }
 
 // --- 6. TestPanic…: a panicking handler runs no tasks ---
 
 func TestPanicInHandlerRunsNoTasks(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		for _, late := range []bool{false, true} {
-			name := "task added before the panic"
-			if late {
-				name = "task added after the panic" // by a goroutine the handler left behind
-			}
-			t.Run(name, func(t *testing.T) {
-				var ran atomic.Bool
-				added := make(chan struct{})
-				srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-					tasks := background.FromContext(r.Context())
-					add := func() {
-						tasks.Add(func(context.Context) error { ran.Store(true); return nil })
-						close(added)
-					}
-					if late {
-						go func() {
-							receive(r.Context().Done()) // net/http cancels it once it has recovered the panic
-							add()
-						}()
-					} else {
-						add()
-					}
-					io.WriteString(w, "partial")
-					panic("handler blew up")
-				})
+	synctest.Test(t, testPanicRunsNoTasks)
+}
 
-				if resp, err := srv.Client().Get(srv.URL); err == nil {
-					resp.Body.Close()
-					t.Fatalf("client got %s from a panicking handler; want the connection closed", resp.Status)
-				}
-				await(t, added, "the task to be added")
-				shutdown(t, h) // nothing is left to wait for
-				if ran.Load() {
-					t.Error("a task of a panicking handler ran")
-				}
-				if n, rec := strings.Count(logs.String(), "task dropped"), logs.find(t, "task dropped"); n != 1 || rec["reason"] != "the handler panicked" {
-					t.Errorf("%d lines of dropped tasks, the first %v; want one, because the handler panicked", n, rec)
-				}
-				if !srv.errorLog.waitFor("handler blew up") { // over HTTP/2, net/http logs it after resetting the stream
-					t.Errorf("net/http did not log the panic; its log: %q", srv.errorLog)
-				}
-			})
+func testPanicRunsNoTasks(t *testing.T) {
+	for _, late := range []bool{false, true} { // late: added by a goroutine the handler left behind
+		var ran bool
+		panicked := make(chan struct{})
+		h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+			add := func() { addTask(r, func(context.Context) error { ran = true; return nil }) }
+			if late {
+				go func() { <-panicked; add() }()
+			} else {
+				add()
+			}
+			io.WriteString(w, "partial")
+			panic("handler blew up")
+		})
+		panicOf(h)
+		close(panicked)
+		synctest.Wait()
+		h.Shutdown(context.Background())
+		if rec := logs.find(t, "task dropped"); ran || strings.Count(logs.String(), "task dropped") != 1 || rec["reason"] != "the handler panicked" {
+			t.Errorf("added late: %v; the task ran: %v; logged: %s; want one line, for a task dropped because the handler panicked", late, ran, logs)
 		}
-	})
+	}
 }
 
 func TestPanicPropagatesUnchanged(t *testing.T) {
@@ -1457,459 +1326,324 @@ func TestPanicPropagatesUnchanged(t *testing.T) {
 }
 
 func TestPanicAfterWritingSendsNoneOfTheHeldBackBody(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			w.Write(make([]byte, 8<<10)) // without the wrapper, some of it would be on its way
-			panic(http.ErrAbortHandler)
-		})
-		if got := rawExchange(t, srv, "GET / HTTP/1.1\r\nHost: test\r\n\r\n"); got != "" {
-			t.Errorf("the client got %d bytes (%.40q...); the doc says it gets none", len(got), got)
-		}
-	}, http1)
+	run(t, testPanicSendsNothing, http1)
+}
+
+func testPanicSendsNothing(t *testing.T, p proto) {
+	srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+		w.Write(make([]byte, 8<<10)) // without the wrapper, some of it would be on its way
+		panic(http.ErrAbortHandler)
+	})
+	if got := rawExchange(t, srv, "GET / HTTP/1.1\r\nHost: test\r\n\r\n"); got != "" {
+		t.Errorf("the client got %d bytes (%.40q...); the doc says it gets none", len(got), got)
+	}
 }
 
 // --- 7. TestAdd…: misuse panics clearly; a late Add still runs ---
 
-func TestAddMisusePanicsSayingWhat(t *testing.T) {
+func TestAddToNilOrZeroTasksOrOfANilTaskPanicsNamingTheFix(t *testing.T) {
 	if tasks := background.FromContext(context.Background()); tasks != nil {
 		t.Fatalf("FromContext outside a wrapped handler = %v, want nil", tasks)
 	}
 	noop := func(context.Context) error { return nil }
 	nilTask, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) { addTask(r, nil) })
-	cases := []struct {
-		name   string
-		misuse http.HandlerFunc // serves one request, in the test's goroutine
-		want   string           // in the panic's message
+	for _, misuse := range []struct {
+		name  string
+		serve http.HandlerFunc // serves one request, in the test's goroutine
+		want  string           // in the panic's message
 	}{
 		{"nil Tasks", func(http.ResponseWriter, *http.Request) { (*background.Tasks)(nil).Add(noop) }, "NewHandler"},
 		{"zero Tasks", func(http.ResponseWriter, *http.Request) { new(background.Tasks).Add(noop) }, "NewHandler"},
 		{"FromContext outside the wrapper", func(w http.ResponseWriter, r *http.Request) { addTask(r, noop) }, "NewHandler"},
 		{"nil task", nilTask.ServeHTTP, "nil task"},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			if v := panicOf(tc.misuse); !strings.Contains(fmt.Sprint(v), tc.want) {
-				t.Errorf("panicked with %v; want a panic whose message contains %q", v, tc.want)
-			}
-		})
+	} {
+		if v := panicOf(misuse.serve); !strings.Contains(fmt.Sprint(v), misuse.want) {
+			t.Errorf("%s: panicked with %v; want a panic whose message contains %q", misuse.name, v, misuse.want)
+		}
 	}
 }
 
 func TestAddAfterTasksFinishedRunsAndShutdownWaitsForIt(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		firstDone, late := make(chan struct{}), newGate()
-		defer late.open()
-		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			tasks := background.FromContext(r.Context())
-			tasks.Add(func(context.Context) error { close(firstDone); return nil })
-			go func() { // a goroutine that outlives the handler
-				<-firstDone
-				tasks.Add(late.task)
-			}()
-		})
-		get(t, srv.Client(), srv.URL)
-		taskCtx := await(t, late.started, "the task added late")
+	synctest.Test(t, testAddLate)
+}
 
-		// Shutdown must count the late task: with no time to wait, it reports
-		// the task still running, and cancels it.
-		if err := h.Shutdown(expired()); err != context.Canceled {
-			t.Fatalf("Shutdown with a task running = %v, want context.Canceled", err)
-		}
-		await(t, taskCtx.Done(), "the late task's context to be canceled")
+func testAddLate(t *testing.T) {
+	late := newGate()
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		tasks := background.FromContext(r.Context())
+		firstDone := make(chan struct{})
+		tasks.Add(func(context.Context) error { close(firstDone); return nil })
+		go func() { // a goroutine that outlives the handler
+			<-firstDone
+			tasks.Add(late.task)
+		}()
 	})
+	serveOnce(h, "GET", "/")
+	taskCtx := <-late.started
+	// With no time to wait, Shutdown must report the late task still running,
+	// and cancel it.
+	if err := h.Shutdown(expired()); err != context.Canceled || taskCtx.Err() == nil {
+		t.Errorf("Shutdown with a task running = %v, and the task's ctx ended: %v; want context.Canceled, and true", err, taskCtx.Err() != nil)
+	}
+	late.open()
 }
 
 // --- 8. TestShutdown…: waits, gives up, and loses nothing silently ---
 
-// waitingContext tells when Shutdown starts to wait on it, which is when it
-// asks for Done.
-type waitingContext struct {
-	context.Context
-	once    sync.Once
-	waiting chan struct{}
-}
-
-func (c *waitingContext) Done() <-chan struct{} {
-	c.once.Do(func() { close(c.waiting) })
-	return c.Context.Done()
-}
-
 func TestShutdownWaitsForQueuedAndRunningTasks(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		g := newGate()
-		defer g.open()
-		var done atomic.Int32
-		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			addTask(r, func(ctx context.Context) error {
-				g.task(ctx)
-				done.Add(1)
-				return nil
-			})
-			addTask(r, func(context.Context) error { done.Add(1); return nil })
-		})
-		get(t, srv.Client(), srv.URL)
-		await(t, g.started, "the first task")
-
-		type result struct {
-			err  error
-			done int32 // tasks done when Shutdown returned
-		}
-		results := make(chan result, 1)
-		ctx, cancel := context.WithTimeout(context.Background(), failSafe)
-		defer cancel()
-		wctx := &waitingContext{Context: ctx, waiting: make(chan struct{})}
-		go func() {
-			err := h.Shutdown(wctx)
-			results <- result{err, done.Load()}
-		}()
-		await(t, wctx.waiting, "Shutdown to wait")
-		g.open()
-		if got := await(t, results, "Shutdown"); got.err != nil || got.done != 2 {
-			t.Errorf("Shutdown returned %v with %d of 2 tasks done; want nil with both", got.err, got.done)
-		}
-	})
+	synctest.Test(t, testShutdownWaits)
 }
 
-func TestShutdownDeadlineCancelsRunningAndDropsQueued(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		g := newGate() // its task ignores ctx: Shutdown must not wait for it
-		defer g.open()
-		var secondRan atomic.Bool
-		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+func testShutdownWaits(t *testing.T) {
+	g := newGate()
+	var done atomic.Int32
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(ctx context.Context) error { g.task(ctx); done.Add(1); return nil })
+		addTask(r, func(context.Context) error { done.Add(1); return nil })
+	})
+	serveOnce(h, "GET", "/")
+	var err error
+	returned := make(chan struct{})
+	go func() { err = h.Shutdown(context.Background()); close(returned) }()
+	synctest.Wait()
+	select {
+	case <-returned:
+		t.Fatalf("Shutdown returned %v with a task running and one queued", err)
+	default:
+	}
+	g.open()
+	<-returned
+	if err != nil || done.Load() != 2 {
+		t.Errorf("Shutdown returned %v with %d of 2 tasks done; want nil with both", err, done.Load())
+	}
+}
+
+// A Shutdown that gives up cancels the running task, drops the queued one,
+// and says so in one line. Every Shutdown, earlier or later, returns its
+// error. A task that returns ctx.Err(), wrapped or not, is counted there,
+// not logged again; any other error is logged.
+func TestShutdownDeadlineCancelsRunningDropsQueuedAndEveryShutdownReturnsItsError(t *testing.T) {
+	synctest.Test(t, testShutdownGivesUp)
+}
+
+func testShutdownGivesUp(t *testing.T) {
+	g := newGate() // its task ignores ctx: Shutdown must not wait for it
+	var queuedRan bool
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/gate":
 			addTask(r, g.task)
-			addTask(r, func(context.Context) error { secondRan.Store(true); return nil })
-		})
-		get(t, srv.Client(), srv.URL)
-		taskCtx := await(t, g.started, "the first task")
-
-		errc := make(chan error, 1)
-		go func() { errc <- h.Shutdown(expired()) }()
-		if err := await(t, errc, "Shutdown to give up"); err != context.Canceled {
-			t.Errorf("Shutdown past its deadline = %v, want context.Canceled", err)
-		}
-		await(t, taskCtx.Done(), "the running task's context to be canceled")
-		if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["count"] != 2.0 {
-			t.Errorf("Shutdown logged %v; want a record of its 2 tasks, 1 running and 1 queued", rec)
-		}
-
-		g.open()
-		shutdown(t, h)
-		if secondRan.Load() {
-			t.Error("a queued task started after Shutdown's deadline")
+			addTask(r, func(context.Context) error { queuedRan = true; return nil })
+		case "/own-cancellation": // not Shutdown's: logged
+			addTask(r, func(ctx context.Context) error {
+				ctx, cancel := context.WithCancel(ctx)
+				cancel()
+				return ctx.Err()
+			})
+		case "/other-error": // after Shutdown's cancellation, but not it: logged
+			addTask(r, func(ctx context.Context) error { <-ctx.Done(); return errors.New("mail server said no") })
+		case "/wrapped":
+			addTask(r, func(ctx context.Context) error { <-ctx.Done(); return fmt.Errorf("sending mail: %w", ctx.Err()) })
+		default:
+			addTask(r, func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() })
 		}
 	})
+	for _, path := range []string{"/gate", "/own-cancellation", "/other-error", "/wrapped", "/plain"} {
+		serveOnce(h, "GET", path)
+	}
+	synctest.Wait()
+	patient := make(chan error, 1)
+	go func() { patient <- h.Shutdown(context.Background()) }()
+	synctest.Wait()
+	if err := h.Shutdown(expired()); err != context.Canceled {
+		t.Errorf("Shutdown past its deadline = %v, want context.Canceled", err)
+	}
+	taskCtx := <-g.started
+	synctest.Wait()
+	if taskCtx.Err() == nil {
+		t.Error("the running task's ctx was not canceled")
+	}
+	g.open()
+	if err := <-patient; err != context.Canceled {
+		t.Errorf("the patient Shutdown = %v, though the other one dropped a task; want context.Canceled", err)
+	}
+	if err := h.Shutdown(context.Background()); err != context.Canceled || queuedRan {
+		t.Errorf("a later Shutdown = %v, and the queued task ran: %v; want context.Canceled, and false", err, queuedRan)
+	}
+	want := []string{
+		"background: shutdown deadline passed; unfinished tasks canceled or dropped <nil>",
+		"background: task failed context canceled",
+		"background: task failed mail server said no",
+	}
+	if lines := logs.lines(t, "err"); !slices.Equal(lines, want) || logs.find(t, "shutdown deadline")["count"] != 5.0 {
+		t.Errorf("log lines and their errors:\n%s\nwant:\n%s\nand a count of 5", strings.Join(lines, "\n"), strings.Join(want, "\n"))
+	}
 }
 
 func TestShutdownDeadlinePassedDropsLaterTasksWithALogLine(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		var ran atomic.Bool
-		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			if r.URL.Path == "/late" {
-				addTask(r, func(context.Context) error { ran.Store(true); return nil })
-				return
-			}
-			addTask(r, func(ctx context.Context) error { <-ctx.Done(); return nil })
-		})
-		get(t, srv.Client(), srv.URL+"/keeps-shutdown-waiting")
-		if err := h.Shutdown(expired()); err != context.Canceled {
-			t.Fatalf("Shutdown = %v, want context.Canceled", err)
-		}
-
-		get(t, srv.Client(), srv.URL+"/late")
-		shutdown(t, h)
-		if ran.Load() {
-			t.Error("a task added after Shutdown's deadline ran")
-		}
-		if rec := logs.find(t, "task dropped"); rec == nil || rec["path"] != "/late" {
-			t.Errorf("dropped task logged as %v; want a record naming /late", rec)
-		}
-	})
+	synctest.Test(t, testShutdownDropsLater)
 }
 
-func TestShutdownReturnsNilOnlyIfNoTaskWasLost(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		g := newGate() // its task ignores ctx: Shutdown waits for it all the same
-		defer g.open()
-		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			addTask(r, g.task)
-			addTask(r, func(context.Context) error { return nil }) // queued behind it
-		})
-		get(t, srv.Client(), srv.URL)
-		await(t, g.started, "the first task")
-
-		// A patient Shutdown waits; an impatient one gives up meanwhile, and
-		// drops the queued task.
-		ctx, cancel := context.WithTimeout(context.Background(), failSafe)
-		defer cancel()
-		wctx := &waitingContext{Context: ctx, waiting: make(chan struct{})}
-		patient := make(chan error, 1)
-		go func() { patient <- h.Shutdown(wctx) }()
-		await(t, wctx.waiting, "the patient Shutdown to wait")
-		if err := h.Shutdown(expired()); err != context.Canceled {
-			t.Fatalf("the impatient Shutdown = %v, want context.Canceled", err)
+func testShutdownDropsLater(t *testing.T) {
+	var ran bool
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/late" {
+			addTask(r, func(context.Context) error { ran = true; return nil })
+			return
 		}
-		g.open()
-		if err := await(t, patient, "the patient Shutdown"); err != context.Canceled {
-			t.Errorf("the patient Shutdown = %v, though the other one dropped a task; want its error, context.Canceled", err)
-		}
-		if err := h.Shutdown(ctx); err != context.Canceled {
-			t.Errorf("a later Shutdown = %v; want context.Canceled still", err)
-		}
+		addTask(r, func(ctx context.Context) error { <-ctx.Done(); return nil })
 	})
+	serveOnce(h, "GET", "/keeps-shutdown-waiting")
+	if err := h.Shutdown(expired()); err != context.Canceled {
+		t.Fatalf("Shutdown = %v, want context.Canceled", err)
+	}
+	serveOnce(h, "GET", "/late")
+	h.Shutdown(context.Background())
+	if rec := logs.find(t, "task dropped"); ran || rec == nil || rec["path"] != "/late" {
+		t.Errorf("a task added after Shutdown's deadline ran: %v; it was logged as %v; want a record naming /late", ran, rec)
+	}
 }
 
 func TestShutdownReturnedThenTaskAddedRunsAndIsLogged(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		release, added, ran := make(chan struct{}), make(chan struct{}), make(chan struct{})
-		slow := func(w http.ResponseWriter, r *http.Request) {
-			receive(release) // still running when http.TimeoutHandler answers
-			addTask(r, func(context.Context) error { close(ran); return nil })
-			close(added) // Add has logged by now; the task may have run before that
-		}
-		srv, h, logs := serveWrapped(t, p, http.TimeoutHandler(http.HandlerFunc(slow), time.Millisecond, "too slow").ServeHTTP)
-		if resp, _ := do(t, srv.Client(), "GET", srv.URL+"/slow"); resp.StatusCode != http.StatusServiceUnavailable {
-			t.Fatalf("got %s, want http.TimeoutHandler's 503", resp.Status)
-		}
-		if err := h.Shutdown(expired()); err != nil {
-			t.Fatalf("Shutdown with nothing to wait for = %v, want nil", err)
-		}
-
-		close(release)
-		await(t, ran, "the task added after Shutdown returned")
-		await(t, added, "Add to return")
-		if rec := logs.find(t, "after Shutdown returned"); rec == nil || rec["path"] != "/slow" {
-			t.Errorf("the task added after Shutdown returned was logged as %v; want a record naming /slow", rec)
-		}
-	})
+	synctest.Test(t, testShutdownThenAdd)
 }
 
-func TestShutdownSumsUpTheCancellationsItCausesInOneLine(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		const requests, clients = 300, 8
-		var started sync.WaitGroup
-		started.Add(requests + 1)
-		allStarted := make(chan struct{})
-		go func() { started.Wait(); close(allStarted) }()
-		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			switch r.URL.Path {
-			case "/own-cancellation": // not Shutdown's: logged
-				addTask(r, func(ctx context.Context) error {
-					ctx, cancel := context.WithCancel(ctx)
-					cancel()
-					return ctx.Err()
-				})
-			case "/other-error": // after Shutdown's cancellation, but not it: logged
-				addTask(r, func(ctx context.Context) error {
-					started.Done()
-					<-ctx.Done()
-					return errors.New("mail server said no")
-				})
-			default: // Shutdown's cancellation, as such or wrapped: counted, not logged
-				addTask(r, func(ctx context.Context) error {
-					started.Done()
-					<-ctx.Done()
-					if requestID(r)%2 == 0 {
-						return ctx.Err()
-					}
-					return fmt.Errorf("sending mail: %w", ctx.Err())
-				})
-			}
-		})
-		get(t, srv.Client(), srv.URL+"/own-cancellation")
-		get(t, srv.Client(), srv.URL+"/other-error")
-		getEach(t, srv, requests, clients)
-		await(t, allStarted, "every task to start")
-		h.Shutdown(expired())
-		shutdown(t, h) // wait for the canceled tasks to return
-
-		msgs := logs.lines(t, "err")
-		want := []string{
-			"background: shutdown deadline passed; unfinished tasks canceled or dropped <nil>",
-			"background: task failed context canceled",
-			"background: task failed mail server said no",
-		}
-		if !slices.Equal(msgs, want) {
-			t.Errorf("Shutdown canceled %d tasks, and the log had %d lines:\n%s\nwant:\n%s",
-				requests+1, len(msgs), strings.Join(msgs[:min(len(msgs), 10)], "\n"), strings.Join(want, "\n"))
-		}
-		if rec := logs.find(t, "shutdown deadline"); rec == nil || rec["count"] != float64(requests+1) {
-			t.Errorf("Shutdown's line is %v; want it to count %d running tasks", rec, requests+1)
-		}
-	})
+func testShutdownThenAdd(t *testing.T) {
+	release, ran := make(chan struct{}), make(chan struct{})
+	slow := func(w http.ResponseWriter, r *http.Request) {
+		<-release // still running when http.TimeoutHandler answers
+		addTask(r, func(context.Context) error { close(ran); return nil })
+	}
+	h, logs := wrap(t, http.TimeoutHandler(http.HandlerFunc(slow), time.Millisecond, "too slow").ServeHTTP)
+	if rec := serveOnce(h, "GET", "/slow"); rec.Code != http.StatusServiceUnavailable {
+		t.Fatalf("got %d, want http.TimeoutHandler's 503", rec.Code)
+	}
+	if err := h.Shutdown(context.Background()); err != nil {
+		t.Fatalf("Shutdown with nothing to wait for = %v, want nil", err)
+	}
+	close(release)
+	<-ran
+	synctest.Wait()
+	if rec := logs.find(t, "after Shutdown returned"); rec == nil || rec["path"] != "/slow" {
+		t.Errorf("the task added after Shutdown returned was logged as %v; want a record naming /slow", rec)
+	}
 }
 
-func TestShutdownIsSafeConcurrentlyAndRepeatedly(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		const requests, clients = 96, 8
-		var ran atomic.Int32
-		h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-			addTask(r, func(context.Context) error { ran.Add(1); return nil })
-		})
-		shutdown(t, h) // nothing to wait for yet
-		srv := serve(t, p, h)
+// Shutdowns, patient and impatient, race with requests. While none has given
+// up, every task runs; once one has, every task runs or is counted in a line.
+func TestShutdownRacingRequestsAndShutdownsLosesNoTaskWithoutALogLine(t *testing.T) {
+	synctest.Test(t, testShutdownRacing)
+}
 
+func testShutdownRacing(t *testing.T) {
+	const requests = 100
+	var added, ran atomic.Int32
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		for range 2 {
+			added.Add(1)
+			addTask(r, func(context.Context) error { time.Sleep(time.Millisecond); ran.Add(1); return nil })
+		}
+	})
+	for _, impatient := range []bool{false, true} {
 		var wg sync.WaitGroup
-		stop := make(chan struct{})
-		for range 3 {
-			wg.Go(func() {
-				for {
-					select {
-					case <-stop:
-						return
-					default:
-						shutdown(t, h)
-					}
+		for i := range requests {
+			wg.Go(func() { serveOnce(h, "GET", "/") })
+			if i%10 == 0 {
+				ctx := context.Background()
+				if impatient {
+					ctx = expired()
 				}
-			})
-		}
-		getEach(t, srv, requests, clients)
-		close(stop)
-		wg.Wait()
-		shutdown(t, h)
-		if got, want := ran.Load(), int32(requests); got != want {
-			t.Errorf("%d tasks ran, want %d", got, want)
-		}
-	})
-}
-
-func TestShutdownRacingRequestsDropsNoTaskWithoutALogLine(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		const clients, requestsEach = 8, 40
-		var added, ran atomic.Int32
-		first := make(chan struct{})
-		var once sync.Once
-		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			once.Do(func() { // keep one task running until Shutdown gives up, so that it must drop
-				added.Add(1)
-				addTask(r, func(ctx context.Context) error {
-					ran.Add(1)
-					close(first)
-					<-ctx.Done()
-					return nil
-				})
-			})
-			for range 2 {
-				added.Add(1)
-				addTask(r, func(context.Context) error { ran.Add(1); return nil })
-			}
-		})
-
-		var wg sync.WaitGroup
-		for range clients {
-			wg.Go(func() {
-				for range requestsEach {
-					tryGet(srv.Client(), srv.URL) // a request may fail once Shutdown has given up: no matter
-				}
-			})
-		}
-		await(t, first, "the first task")
-		var shutdowns sync.WaitGroup
-		for range 3 {
-			shutdowns.Go(func() {
-				h.Shutdown(expired())
-			})
-		}
-		shutdowns.Wait()
-		wg.Wait()
-		srv.Close()
-		shutdown(t, h) // the tasks that were running when the deadline passed
-
-		// A task that was running when Shutdown gave up both ran and is
-		// counted in its line; one that never ran must be counted there, or
-		// in a line of dropped tasks.
-		counted := 0
-		for _, rec := range logs.records(t) {
-			switch rec["msg"] {
-			case "background: task dropped":
-				counted++
-			case "background: shutdown deadline passed; unfinished tasks canceled or dropped":
-				counted += int(rec["count"].(float64))
+				wg.Go(func() { h.Shutdown(ctx) })
 			}
 		}
-		if logs.find(t, "shutdown deadline passed") == nil {
-			t.Error("Shutdown did not give up, though a task was running")
+		wg.Wait()
+		h.Shutdown(context.Background())
+		if !impatient && ran.Load() != added.Load() {
+			t.Errorf("with no Shutdown giving up, %d of %d tasks ran", ran.Load(), added.Load())
 		}
-		if a, r := int(added.Load()), int(ran.Load()); a > r+counted {
-			t.Errorf("%d tasks added, %d ran and %d were counted in log lines: %d lost without a word", a, r, counted, a-r-counted)
+	}
+	counted := 0 // tasks counted in log lines
+	for _, rec := range logs.records(t) {
+		switch rec["msg"] {
+		case "background: task dropped":
+			counted++
+		case "background: shutdown deadline passed; unfinished tasks canceled or dropped":
+			counted += int(rec["count"].(float64))
 		}
-	})
+	}
+	if a, r := int(added.Load()), int(ran.Load()); a > r+counted || counted == 0 {
+		t.Errorf("%d tasks added, %d ran and %d were counted in log lines; want none lost without a word, and some counted", a, r, counted)
+	}
 }
 
 // --- 9. TestLimit…: MaxPending ---
 
 func TestLimitRefusesWith503AndRetryAfterDropsNothingAndAcceptsAgain(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		const limit = 2
-		g := newGate()
-		defer g.open()
-		var served, finished atomic.Int32
-		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			served.Add(1)
-			addTask(r, func(ctx context.Context) error {
-				defer finished.Add(1)
-				return g.task(ctx)
-			})
-			io.WriteString(w, "queued")
-		})
-		h.MaxPending = limit
+	synctest.Test(t, testLimit)
+}
 
-		for range limit {
-			get(t, srv.Client(), srv.URL)
-			await(t, g.started, "a task to start")
-		}
-		for range 3 {
-			resp, body := do(t, srv.Client(), "GET", srv.URL)
-			if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") != "1" {
-				t.Errorf("at the limit: %s with Retry-After %q, %q; want 503 with Retry-After 1", resp.Status, resp.Header.Get("Retry-After"), body)
-			}
-		}
-		if n := served.Load(); n != limit {
-			t.Errorf("the handler ran for %d requests; want %d, none of them refused", n, limit)
-		}
-		if n := strings.Count(logs.String(), "MaxPending"); n != 1 {
-			t.Errorf("%d log lines for one burst of refusals; want 1:\n%s", n, logs)
-		}
-
-		g.open()
-		shutdown(t, h) // the backlog drains
-		if body := get(t, srv.Client(), srv.URL); body != "queued" {
-			t.Errorf("once the backlog drained, got %q; want the handler's reply", body)
-		}
-		shutdown(t, h)
-		if n := finished.Load(); n != limit+1 {
-			t.Errorf("%d tasks finished; want %d, one for each accepted request", n, limit+1)
-		}
+func testLimit(t *testing.T) {
+	const limit = 2
+	g := newGate()
+	var served, finished atomic.Int32
+	h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		served.Add(1)
+		addTask(r, func(ctx context.Context) error { defer finished.Add(1); return g.task(ctx) })
+		io.WriteString(w, "queued")
 	})
+	h.MaxPending = limit
+	for range limit {
+		serveOnce(h, "GET", "/")
+	}
+	for range 3 {
+		if rec := serveOnce(h, "GET", "/"); rec.Code != http.StatusServiceUnavailable || rec.Header().Get("Retry-After") != "1" {
+			t.Errorf("at the limit: %d with Retry-After %q, %q; want 503 with Retry-After 1", rec.Code, rec.Header().Get("Retry-After"), rec.Body)
+		}
+	}
+	if n, lines := served.Load(), strings.Count(logs.String(), "MaxPending"); n != limit || lines != 1 {
+		t.Errorf("the handler ran for %d requests, and %d lines logged the refusals; want %d, none of them refused, and 1", n, lines, limit)
+	}
+	g.open()
+	h.Shutdown(context.Background()) // the backlog drains
+	if rec := serveOnce(h, "GET", "/"); rec.Body.String() != "queued" {
+		t.Errorf("once the backlog drained, got %q; want the handler's reply", rec.Body)
+	}
+	h.Shutdown(context.Background())
+	if n := finished.Load(); n != limit+1 {
+		t.Errorf("%d tasks finished; want %d, one for each accepted request", n, limit+1)
+	}
 }
 
 func TestLimitPendingCountsTasksAddedAndNotYetFinishedOrDropped(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		g := newGate()
-		h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-			addTask(r, g.task)
-			addTask(r, func(context.Context) error { return nil })
-			if r.URL.Path == "/" { // panicOf's request: its tasks are dropped
-				panic("handler blew up")
-			}
-		})
-		if n := h.Pending(); n != 0 {
-			t.Errorf("Pending before any request = %d, want 0", n)
-		}
-		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/runs", nil))
-		synctest.Wait() // the first task has started, and blocks
-		if n := h.Pending(); n != 2 {
-			t.Errorf("Pending with a task running and one queued = %d, want 2", n)
-		}
-		panicOf(h)
-		if n := h.Pending(); n != 2 {
-			t.Errorf("Pending after a panicking handler's two tasks were dropped = %d, want 2 still", n)
-		}
-		g.open()
-		h.Shutdown(context.Background())
-		if n := h.Pending(); n != 0 {
-			t.Errorf("Pending once Shutdown has returned = %d, want 0", n)
+	synctest.Test(t, testLimitPending)
+}
+
+func testLimitPending(t *testing.T) {
+	g := newGate()
+	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, g.task)
+		addTask(r, func(context.Context) error { return nil })
+		if r.URL.Path == "/" { // panicOf's request: its tasks are dropped
+			panic("handler blew up")
 		}
 	})
+	if n := h.Pending(); n != 0 {
+		t.Errorf("Pending before any request = %d, want 0", n)
+	}
+	serveOnce(h, "GET", "/runs")
+	synctest.Wait() // the first task has started, and blocks
+	if n := h.Pending(); n != 2 {
+		t.Errorf("Pending with a task running and one queued = %d, want 2", n)
+	}
+	panicOf(h)
+	if n := h.Pending(); n != 2 {
+		t.Errorf("Pending after a panicking handler's two tasks were dropped = %d, want 2 still", n)
+	}
+	g.open()
+	h.Shutdown(context.Background())
+	if n := h.Pending(); n != 0 {
+		t.Errorf("Pending once Shutdown has returned = %d, want 0", n)
+	}
 }
 
 // --- 10. TestWriter…: the handler's w ---
