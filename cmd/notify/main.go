@@ -59,19 +59,18 @@ func (l *notificationLog) writeLog(message string) error {
 
 // notificationLog appends lines to the file at path, and counts them.
 type notificationLog struct {
-	path    string
-	queued  atomic.Int64 // lines acknowledged to a client
-	mu      sync.Mutex   // guards the fields below, and orders the appends
-	file    *os.File
-	written int64
-	closed  bool // by close, so that no line lands after the count
+	path            string
+	queued, written atomic.Int64 // lines acknowledged to a client, and lines in the file
+	closed          atomic.Bool  // by close, so that no line lands after the count
+	mu              sync.Mutex   // held by append throughout; guards file
+	file            *os.File
 }
 
 // append writes line at the end of the file that path names, in one write.
 func (l *notificationLog) append(line string) error {
 	l.mu.Lock() // one append at a time, as the kernel does for one file anyway
 	defer l.mu.Unlock()
-	if l.closed {
+	if l.closed.Load() {
 		return errors.New("not written: the program is exiting")
 	}
 	if err := l.follow(); err != nil {
@@ -87,7 +86,7 @@ func (l *notificationLog) append(line string) error {
 		l.file.Truncate(end)
 		return err
 	}
-	l.written++
+	l.written.Add(1)
 	return nil
 }
 
@@ -108,11 +107,16 @@ func (l *notificationLog) follow() error {
 }
 
 // close stops all appends, and counts the acknowledged lines not in the file.
+// An append in progress gets a second: one stuck longer counts as not written.
 func (l *notificationLog) close() (lost int64) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.closed = true
-	return l.queued.Load() - l.written
+	l.closed.Store(true) // an append that takes l.mu from now on writes nothing
+	appended := make(chan struct{})
+	go func() { l.mu.Lock(); l.mu.Unlock(); close(appended) }()
+	select {
+	case <-appended:
+	case <-time.After(time.Second):
+	}
+	return l.queued.Load() - l.written.Load()
 }
 
 // acceptEmail answers 422 unless the email is a bare address, as FastAPI checks
@@ -140,8 +144,7 @@ func checkEmail(email string) error {
 			return fmt.Errorf("email contains a space, control or invisible character, %U, at byte %d", r, i)
 		}
 	}
-	addr, err := mail.ParseAddress(email)
-	if err != nil || addr.Name != "" || addr.Address != email || len(email) > 254 {
+	if addr, err := mail.ParseAddress(email); err != nil || addr.Name != "" || addr.Address != email || len(email) > 254 {
 		return errors.New("email must be a bare address of at most 254 bytes, such as ada@example.com")
 	}
 	return nil
@@ -155,9 +158,8 @@ func main() {
 	maxPending := flag.Int("max-pending", 40_000, "tasks pending at most; past it, requests get 503 (0: no limit)")
 	flag.Parse()
 	if flag.NArg() > 0 || *path == "" || *delay < 0 || *drain <= 0 || *maxPending < 0 {
-		fmt.Fprintln(os.Stderr, "notify: -log must name a file, -drain must be positive, -delay and -max-pending must not be negative, and no argument may follow the flags")
 		flag.Usage()
-		os.Exit(2)
+		exit(2, "notify: -log must name a file, -drain must be positive, -delay and -max-pending must not be negative, and no argument may follow the flags")
 	}
 	signal.Ignore(syscall.SIGPIPE) // a stdout whose reader has gone must not end the process
 	signals := make(chan os.Signal, 2)
@@ -168,27 +170,27 @@ func main() {
 		err = logFile.follow() // before serving, so that a bad path stops it at once
 	}
 	if err == nil {
-		tasks := newHandler(logFile, *delay)
+		mux := http.NewServeMux()
+		mux.Handle("POST /send-notification/{email}", acceptEmail(logFile, sendNotification(logFile, *delay)))
+		tasks := background.NewHandler(mux)
 		tasks.MaxPending = *maxPending
 		err = serve(ln, signals, tasks, logFile, *drain)
 	}
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "notify:", err)
-		os.Exit(1)
+		exit(1, "notify: "+err.Error())
 	}
-	fmt.Fprintln(os.Stderr, "Every task finished.")
+	exit(0, "Every task finished.")
 }
 
-// newHandler returns the program's one endpoint, wrapped so that it can add tasks.
-func newHandler(logFile *notificationLog, delay time.Duration) *background.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("POST /send-notification/{email}", acceptEmail(logFile, sendNotification(logFile, delay)))
-	return background.NewHandler(mux)
+// exit prints last, and exits with code: within a second if nobody reads stderr.
+func exit(code int, last string) {
+	go func() { fmt.Fprintln(os.Stderr, last); os.Exit(code) }()
+	time.Sleep(time.Second)
+	os.Exit(code)
 }
 
-// serve serves on ln until a signal or an error, then shuts down in two steps
-// within drain. A second signal exits at once. It returns nil only if every
-// acknowledged line is in the log file.
+// serve serves on ln until a signal or an error, and shuts down in two steps
+// within drain. It returns nil only if every acknowledged line is written.
 func serve(ln net.Listener, signals <-chan os.Signal, tasks *background.Handler, logFile *notificationLog, drain time.Duration) error {
 	srv := &http.Server{
 		Handler:           tasks,
@@ -206,16 +208,14 @@ func serve(ln net.Listener, signals <-chan os.Signal, tasks *background.Handler,
 	case err = <-served: // accept failed: drain and count all the same
 	case <-signals:
 	}
-	go func() {
+	go func() { // a second signal exits at once
 		sig := <-signals
-		fmt.Fprintf(os.Stderr, "notify: second signal (%v): exiting at once; acknowledged lines not in the log file: %d\n", sig, logFile.close())
-		os.Exit(1)
+		exit(1, fmt.Sprintf("notify: second signal (%v): exiting at once; acknowledged lines not in the log file: %d", sig, logFile.close()))
 	}()
 	fmt.Fprintf(os.Stderr, "Shutting down: finishing responses and tasks, %d pending (up to %v)\n", tasks.Pending(), drain)
 	ctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
-	// Step 1: stop taking requests, and let the responses in flight finish.
-	// One not sent by the deadline acknowledged nothing: close its connection.
+	// Step 1: stop taking requests; finish the responses in flight, or cut them off.
 	if srv.Shutdown(ctx) != nil {
 		srv.Close()
 	}

@@ -22,6 +22,8 @@ import (
 	"testing"
 	"time"
 	"unicode"
+
+	"example.com/background"
 )
 
 // failSafe bounds every wait, only so that a broken build cannot hang.
@@ -29,23 +31,18 @@ const failSafe = 30 * time.Second
 
 // --- The endpoint, the email check and serve, in process ---
 
-// newLog returns a log file in a temporary directory; its first line creates it.
-func newLog(t *testing.T) *notificationLog {
+// newHandler returns the program's endpoint as main builds it, with a log
+// file in a temporary directory, which its first line creates.
+func newHandler(t *testing.T, delay time.Duration) (*background.Handler, *notificationLog) {
 	l := &notificationLog{path: filepath.Join(t.TempDir(), "log.txt")}
 	t.Cleanup(func() { l.file.Close() })
-	return l
+	mux := http.NewServeMux()
+	mux.Handle("POST /send-notification/{email}", acceptEmail(l, sendNotification(l, delay)))
+	return background.NewHandler(mux), l
 }
 
-// read returns the content of the file at path.
-func read(t testing.TB, path string) string {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Error(err)
-	}
-	return string(b)
-}
-
+// read returns the content of the file at path, or "" if it cannot.
+func read(path string) string { b, _ := os.ReadFile(path); return string(b) }
 func TestEndpointAnswersLikeTheTutorialOrWith422AndAnInvalidEmailQueuesNothing(t *testing.T) {
 	invalid := []string{"Joe <joe@example.com>", "<joe@example.com>", "joe@example.com (Joe)", "joe.example.com",
 		"a\xffb@example.com", strings.Repeat("a", 243) + "@example.com"} // invalid UTF-8; 255 bytes
@@ -54,8 +51,7 @@ func TestEndpointAnswersLikeTheTutorialOrWith422AndAnInvalidEmailQueuesNothing(t
 			invalid = append(invalid, "a"+string(r)+"b@example.com")
 		}
 	}
-	l := newLog(t)
-	h := newHandler(l, 0)
+	h, l := newHandler(t, 0)
 	valid := strings.Repeat("a", 242) + "@example.com" // 254 bytes
 	for _, email := range append(invalid, valid) {
 		rec := httptest.NewRecorder()
@@ -69,14 +65,14 @@ func TestEndpointAnswersLikeTheTutorialOrWith422AndAnInvalidEmailQueuesNothing(t
 		}
 	}
 	h.Shutdown(context.Background()) // waits for the task
-	if got := read(t, l.path); got != "Notification sent to: "+valid+"\n" || l.close() != 0 {
+	if got := read(l.path); got != "Notification sent to: "+valid+"\n" || l.close() != 0 {
 		t.Errorf("log file = %q, and %d lines lost; want the valid email's line alone", got, l.close())
 	}
 }
 
 // A listener that Serve cannot accept from ends serving as a signal does.
 func TestServeErrorDrainsAndCountsLikeASignal(t *testing.T) {
-	l := newLog(t)
+	h, l := newHandler(t, 200*time.Millisecond)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -85,11 +81,11 @@ func TestServeErrorDrainsAndCountsLikeASignal(t *testing.T) {
 		(&process{addr: ln.Addr().String()}).flood(t, 1, 1)
 		ln.Close() // Accept now fails with an error that Serve does not retry
 	}()
-	err = serve(ln, nil, newHandler(l, 200*time.Millisecond), l, failSafe)
+	err = serve(ln, nil, h, l, failSafe)
 	if want := "use of closed network connection; acknowledged lines not in the log file: 0"; err == nil || !strings.HasSuffix(err.Error(), want) {
 		t.Errorf("serve = %v, want an error ending %q", err, want)
 	}
-	if got := read(t, l.path); got != "Notification sent to: user1@example.com\n" {
+	if got := read(l.path); got != "Notification sent to: user1@example.com\n" {
 		t.Errorf("log file = %q when serve returned: it did not wait for the task", got)
 	}
 	if l.append("late\n") == nil {
@@ -135,6 +131,12 @@ func start(t testing.TB, setup, stdout string, args ...string) *process {
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	scan := func(r io.Reader, lines chan<- string) {
+		defer close(lines)
+		for s := bufio.NewScanner(r); s.Scan(); {
+			lines <- s.Text()
+		}
+	}
 	var scanned sync.WaitGroup
 	scanned.Go(func() { scan(errR, p.stderr) })
 	if stdout == "read" {
@@ -150,14 +152,6 @@ func start(t testing.TB, setup, stdout string, args ...string) *process {
 	t.Cleanup(func() { p.cmd.Process.Kill(); <-p.exited })
 	p.addr = strings.TrimPrefix(strings.Fields(p.expect(t, p.stderr, "Listening on "))[2], "http://")
 	return p
-}
-
-// scan passes each line of r to lines, and then closes lines.
-func scan(r io.Reader, lines chan<- string) {
-	defer close(lines)
-	for s := bufio.NewScanner(r); s.Scan(); {
-		lines <- s.Text()
-	}
 }
 
 // expect reads lines from ch until one contains want, and returns it.
@@ -254,7 +248,7 @@ func (p *process) checkLines(t testing.TB, answered []string, last string) {
 	files, _ := filepath.Glob(filepath.Join(p.dir, "log.txt*"))
 	seen := make(map[string]int)
 	for _, file := range files {
-		for line := range strings.Lines(read(t, file)) {
+		for line := range strings.Lines(read(file)) {
 			seen[line]++ // a part line has no "\n", and so matches no email
 		}
 	}
@@ -289,8 +283,8 @@ func TestBadFlagsOrLogPathStopItBeforeServing(t *testing.T) {
 	defer cancel()
 	for _, args := range [][]string{{"-delay", "-1s"}, {"-drain", "0s"}, {"-max-pending", "-1"}, {"-log", ""}, {"extra"}, {"-log", "no/such/dir/log.txt"}} {
 		out, err := exec.CommandContext(ctx, bin, append([]string{"-addr", "127.0.0.1:0"}, args...)...).CombinedOutput()
-		if err == nil || !strings.HasPrefix(string(out), "notify: ") || strings.Contains(string(out), "Listening") {
-			t.Errorf("notify %q: %v, output %q; want a non-zero exit, and only a notify: line saying why", args, err, out)
+		if last := strings.TrimSpace(string(out)); err == nil || !strings.HasPrefix(last[strings.LastIndex(last, "\n")+1:], "notify: ") || strings.Contains(last, "Listening") {
+			t.Errorf("notify %q: %v, output %q; want a non-zero exit, with a last line saying why", args, err, out)
 		}
 	}
 }
@@ -366,9 +360,11 @@ func TestFullDiskLeavesNoPartLineAndCountsExactly(t *testing.T) {
 	p.checkLines(t, append(ok, after...), p.stop(t, syscall.SIGTERM, 1))
 }
 
-func TestLinesGoToTheFileAtThePathAfterRotationOrDeletion(t *testing.T) {
+// Each line goes to what is at the path then. A FIFO there, which blocks
+// every write as a hung disk would, holds up one task, and not the exit.
+func TestLinesGoToWhatIsAtThePathAfterRotationOrDeletionAndAFIFOHoldsUpNoExit(t *testing.T) {
 	t.Parallel()
-	p := start(t, "", "read")
+	p := start(t, "", "read", "-drain", "100ms")
 	path := filepath.Join(p.dir, "log.txt")
 	write := func() string {
 		sent, _ := p.flood(t, 1, 1)
@@ -380,10 +376,17 @@ func TestLinesGoToTheFileAtThePathAfterRotationOrDeletion(t *testing.T) {
 	write()
 	os.Remove(path)
 	last := write()
-	if got := read(t, path); got != "Notification sent to: "+last+"\n" {
+	if got := read(path); got != "Notification sent to: "+last+"\n" {
 		t.Errorf("log.txt = %q; want the line written after it was deleted", got)
 	}
-	p.checkLines(t, []string{first, last}, p.stop(t, syscall.SIGTERM, 0))
+	os.Rename(path, path+".2")
+	if err := syscall.Mkfifo(path, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	blocked, _ := p.flood(t, 1, 1)
+	stopped := p.stop(t, syscall.SIGTERM, 1)
+	os.Remove(path) // nobody would open the FIFO to write, and so checkLines could not read it
+	p.checkLines(t, []string{first, last, blocked[0]}, stopped)
 }
 
 func TestTasksWriteTheirLinesThoughFileDescriptorsRunOut(t *testing.T) {
@@ -420,7 +423,7 @@ func (p *process) memory(t testing.TB, field string) (kB int) {
 	if runtime.GOOS != "linux" {
 		t.Skip("reads memory figures from /proc")
 	}
-	status := read(t, fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+	status := read(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
 	fmt.Sscan(strings.Fields(status[strings.Index(status, field+":"):])[1], &kB)
 	return kB << 10
 }
