@@ -667,102 +667,106 @@ func ExampleFromContext_dependency() {
 
 // --- 1. TestResponse…: the client gets the whole response before any task starts ---
 
+// responseCases are the responses whose end testResponseIsComplete… watches.
+var responseCases = []struct {
+	name, method string
+	handler      http.HandlerFunc
+	body         string
+	streamed     bool // sent as written: its end may follow the task's start
+}{
+	{"no Content-Length", "GET", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		io.WriteString(w, "hello, ")
+		io.WriteString(w, "world")
+	}, "hello, world", false},
+	{"Content-Length set", "GET", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "5")
+		io.WriteString(w, "hello")
+	}, "hello", false},
+	{"empty body", "GET", func(w http.ResponseWriter, r *http.Request) {}, "", false},
+	{"error status, whose tasks run as any others", "GET", func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "no such thing", http.StatusNotFound)
+	}, "no such thing\n", false},
+	{"HEAD", "HEAD", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "not sent")
+	}, "", false},
+	{"no Content-Length, through ReadFrom", "GET", func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(w, readerOnly{strings.NewReader("hello, world")})
+	}, "hello, world", false},
+	{"body at the buffer limit", "GET", func(w http.ResponseWriter, r *http.Request) {
+		w.Write(bytes.Repeat([]byte("x"), bufferLimit))
+	}, strings.Repeat("x", bufferLimit), false},
+	{"body past the buffer limit", "GET", func(w http.ResponseWriter, r *http.Request) {
+		w.Write(bytes.Repeat([]byte("y"), 4*bufferLimit))
+	}, strings.Repeat("y", 4*bufferLimit), true},
+	{"flushed", "GET", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "first ")
+		w.(http.Flusher).Flush()
+		io.WriteString(w, "second")
+	}, "first second", true},
+	{"Transfer-Encoding: chunked set before writing", "GET", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Transfer-Encoding", "chunked")
+		io.WriteString(w, "hello")
+	}, "hello", false},
+	{"Trailer declared, which no Content-Length can carry", "GET", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Trailer", "X-Checksum")
+		io.WriteString(w, "hello")
+		w.Header().Set("X-Checksum", "5d41402a")
+	}, "hello", true},
+}
+
 func TestResponseIsCompleteOnTheWireBeforeTaskStarts(t *testing.T) {
-	cases := []struct {
-		name, method string
-		handler      http.HandlerFunc
-		body         string
-		streamed     bool // sent as written: its end may follow the task's start
-	}{
-		{"no Content-Length", "GET", func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Content-Type", "text/plain")
-			io.WriteString(w, "hello, ")
-			io.WriteString(w, "world")
-		}, "hello, world", false},
-		{"Content-Length set", "GET", func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Content-Length", "5")
-			io.WriteString(w, "hello")
-		}, "hello", false},
-		{"empty body", "GET", func(w http.ResponseWriter, r *http.Request) {}, "", false},
-		{"error status, whose tasks run as any others", "GET", func(w http.ResponseWriter, r *http.Request) {
-			http.Error(w, "no such thing", http.StatusNotFound)
-		}, "no such thing\n", false},
-		{"HEAD", "HEAD", func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, "not sent")
-		}, "", false},
-		{"no Content-Length, through ReadFrom", "GET", func(w http.ResponseWriter, r *http.Request) {
-			io.Copy(w, readerOnly{strings.NewReader("hello, world")})
-		}, "hello, world", false},
-		{"body at the buffer limit", "GET", func(w http.ResponseWriter, r *http.Request) {
-			w.Write(bytes.Repeat([]byte("x"), bufferLimit))
-		}, strings.Repeat("x", bufferLimit), false},
-		{"body past the buffer limit", "GET", func(w http.ResponseWriter, r *http.Request) {
-			w.Write(bytes.Repeat([]byte("y"), 4*bufferLimit))
-		}, strings.Repeat("y", 4*bufferLimit), true},
-		{"flushed", "GET", func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, "first ")
-			w.(http.Flusher).Flush()
-			io.WriteString(w, "second")
-		}, "first second", true},
-		{"Transfer-Encoding: chunked set before writing", "GET", func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Transfer-Encoding", "chunked")
-			io.WriteString(w, "hello")
-		}, "hello", false},
-		{"Trailer declared, which no Content-Length can carry", "GET", func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Trailer", "X-Checksum")
-			io.WriteString(w, "hello")
-			w.Header().Set("X-Checksum", "5d41402a")
-		}, "hello", true},
-	}
-	run(t, func(t *testing.T, p proto) {
-		for _, tc := range cases {
-			t.Run(tc.name, func(t *testing.T) {
-				block := make(chan struct{})
-				defer close(block)
-				clientRead := make(chan struct{}) // the client has read the whole body
-				looked, onWire := make(chan error, 1), make(chan error, 1)
-				var srv *testServer
-				h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-					addTask(r, func(context.Context) error {
-						if p == http1 {
-							looked <- readWholeResponse(srv.wire.sent(), tc.method, tc.body, tc.streamed)
-						} else if _, ok := receive(clientRead); !ok {
-							looked <- errors.New("the client could not read the whole body")
-						} else {
-							looked <- nil
-						}
-						<-block // a task that never ends must not hold up the client
-						return nil
-					})
-					tc.handler(w, r)
-				})
-				// net/http finishes the response after ServeHTTP returns. Hold it
-				// there until the task has looked, so that only what the wrapper
-				// itself sent can have reached the client.
-				srv = serve(t, p, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-					h.ServeHTTP(w, r)
-					if err, ok := receive(looked); ok {
-						onWire <- err
+	run(t, testResponseIsCompleteOnTheWireBeforeTaskStarts)
+}
+
+func testResponseIsCompleteOnTheWireBeforeTaskStarts(t *testing.T, p proto) {
+	for _, tc := range responseCases {
+		t.Run(tc.name, func(t *testing.T) {
+			block := make(chan struct{})
+			defer close(block)
+			clientRead := make(chan struct{}) // the client has read the whole body
+			looked, onWire := make(chan error, 1), make(chan error, 1)
+			var srv *testServer
+			h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
+				addTask(r, func(context.Context) error {
+					if p == http1 {
+						looked <- readWholeResponse(srv.wire.sent(), tc.method, tc.body, tc.streamed)
+					} else if _, ok := receive(clientRead); !ok {
+						looked <- errors.New("the client could not read the whole body")
+					} else {
+						looked <- nil
 					}
-				}))
-				resp := open(t, srv.Client(), tc.method, srv.URL)
-				body := make([]byte, len(tc.body))
-				if n, err := io.ReadFull(resp.Body, body); err != nil || string(body) != tc.body {
-					t.Fatalf("client read %d bytes, %v; want %d bytes", n, err, len(tc.body))
-				}
-				close(clientRead)
-				if rest, err := io.ReadAll(resp.Body); len(rest) > 0 || err != nil {
-					t.Fatalf("and then %d bytes more, %v", len(rest), err)
-				}
-				if p == http2 && !tc.streamed && tc.method == "GET" && resp.ContentLength != int64(len(body)) {
-					t.Errorf("Content-Length %d, want %d", resp.ContentLength, len(body))
-				}
-				if err := await(t, onWire, "the task"); err != nil {
-					t.Errorf("when the task started: %v", err)
-				}
+					<-block // a task that never ends must not hold up the client
+					return nil
+				})
+				tc.handler(w, r)
 			})
-		}
-	})
+			// net/http finishes the response after ServeHTTP returns. Hold it
+			// there until the task has looked, so that only what the wrapper
+			// itself sent can have reached the client.
+			srv = serve(t, p, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				h.ServeHTTP(w, r)
+				if err, ok := receive(looked); ok {
+					onWire <- err
+				}
+			}))
+			resp := open(t, srv.Client(), tc.method, srv.URL)
+			body := make([]byte, len(tc.body))
+			if n, err := io.ReadFull(resp.Body, body); err != nil || string(body) != tc.body {
+				t.Fatalf("client read %d bytes, %v; want %d bytes", n, err, len(tc.body))
+			}
+			close(clientRead)
+			if rest, err := io.ReadAll(resp.Body); len(rest) > 0 || err != nil {
+				t.Fatalf("and then %d bytes more, %v", len(rest), err)
+			}
+			if p == http2 && !tc.streamed && tc.method == "GET" && resp.ContentLength != int64(len(body)) {
+				t.Errorf("Content-Length %d, want %d", resp.ContentLength, len(body))
+			}
+			if err := await(t, onWire, "the task"); err != nil {
+				t.Errorf("when the task started: %v", err)
+			}
+		})
+	}
 }
 
 // readWholeResponse reports whether raw holds one whole, properly framed
@@ -809,45 +813,49 @@ func TestResponseUnflushedBodyIsHeldBackUntilHandlerReturns(t *testing.T) {
 	}, http1)
 }
 
-func TestResponseIsNotHeldBackWhenSizedOrPastTheLimit(t *testing.T) {
-	cases := []struct {
-		name  string
-		write func(w http.ResponseWriter)
-	}{
-		{"unsized body past the buffer limit", func(w http.ResponseWriter) {
-			for range bufferLimit>>10 + 1 {
-				w.Write(make([]byte, 1<<10))
-			}
-		}},
-		{"sized body", func(w http.ResponseWriter) {
-			w.Header().Set("Content-Length", fmt.Sprint(1<<20))
-			w.Write(make([]byte, 16<<10))
-		}},
-	}
-	run(t, func(t *testing.T, p proto) {
-		for _, tc := range cases {
-			t.Run(tc.name, func(t *testing.T) {
-				// What the handler wrote reaches the client while it still runs.
-				clientGot := make(chan struct{})
-				var srv *testServer
-				srv, _, _ = serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-					tc.write(w)
-					if p == http1 {
-						if n := len(srv.wire.sent()); n < 8<<10 {
-							t.Errorf("%d bytes on the wire once the handler had written; want what it wrote", n)
-						}
-					} else if _, ok := receive(clientGot); !ok {
-						t.Error("timed out waiting for the client to read the first byte")
-					}
-				})
-				resp := open(t, srv.Client(), "GET", srv.URL)
-				if _, err := io.ReadFull(resp.Body, make([]byte, 1)); err != nil {
-					t.Fatal(err)
-				}
-				close(clientGot)
-			})
+// unheldCases are responses that reach the client while the handler runs.
+var unheldCases = []struct {
+	name  string
+	write func(w http.ResponseWriter)
+}{
+	{"unsized body past the buffer limit", func(w http.ResponseWriter) {
+		for range bufferLimit>>10 + 1 {
+			w.Write(make([]byte, 1<<10))
 		}
-	})
+	}},
+	{"sized body", func(w http.ResponseWriter) {
+		w.Header().Set("Content-Length", fmt.Sprint(1<<20))
+		w.Write(make([]byte, 16<<10))
+	}},
+}
+
+func TestResponseIsNotHeldBackWhenSizedOrPastTheLimit(t *testing.T) {
+	run(t, testResponseIsNotHeldBackWhenSizedOrPastTheLimit)
+}
+
+func testResponseIsNotHeldBackWhenSizedOrPastTheLimit(t *testing.T, p proto) {
+	for _, tc := range unheldCases {
+		t.Run(tc.name, func(t *testing.T) {
+			// What the handler wrote reaches the client while it still runs.
+			clientGot := make(chan struct{})
+			var srv *testServer
+			srv, _, _ = serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+				tc.write(w)
+				if p == http1 {
+					if n := len(srv.wire.sent()); n < 8<<10 {
+						t.Errorf("%d bytes on the wire once the handler had written; want what it wrote", n)
+					}
+				} else if _, ok := receive(clientGot); !ok {
+					t.Error("timed out waiting for the client to read the first byte")
+				}
+			})
+			resp := open(t, srv.Client(), "GET", srv.URL)
+			if _, err := io.ReadFull(resp.Body, make([]byte, 1)); err != nil {
+				t.Fatal(err)
+			}
+			close(clientGot)
+		})
+	}
 }
 
 // --- 2. TestConnection…: the connection is free while tasks run ---
@@ -901,76 +909,80 @@ func TestConnectionKeepAliveServesNextRequestWhileTasksRun(t *testing.T) {
 }
 
 func TestConnectionSlowReaderHoldsUpNoOtherRequestOrTask(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		const others = 20
-		ran := make(chan string, others+1)
-		srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			addTask(r, func(context.Context) error { ran <- r.URL.Path; return nil })
-			if r.URL.Path != "/big" {
-				io.WriteString(w, "small")
-				return
-			}
-			chunk := make([]byte, 32<<10)
-			for n := 0; n < 256<<20; n += len(chunk) { // far more than the socket buffers hold
-				if _, err := w.Write(chunk); err != nil {
-					return // the slow reader has gone
-				}
-			}
-		})
+	run(t, testConnectionSlowReaderHoldsUpNoOtherRequestOrTask, http1)
+}
 
-		slow := dial(t, srv)
-		io.WriteString(slow, "GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
-		if _, err := slow.Read(make([]byte, 1)); err != nil { // the response has begun; read no more
-			t.Fatal(err)
+func testConnectionSlowReaderHoldsUpNoOtherRequestOrTask(t *testing.T, p proto) {
+	const others = 20
+	ran := make(chan string, others+1)
+	srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { ran <- r.URL.Path; return nil })
+		if r.URL.Path != "/big" {
+			io.WriteString(w, "small")
+			return
 		}
-		for i := range others {
-			get(t, srv.Client(), fmt.Sprintf("%s/small/%d", srv.URL, i))
-		}
-		for range others {
-			if path := await(t, ran, "the other requests' tasks"); path == "/big" {
-				t.Fatal("the slow reader's task ran while its response was still being written")
+		chunk := make([]byte, 32<<10)
+		for n := 0; n < 256<<20; n += len(chunk) { // far more than the socket buffers hold
+			if _, err := w.Write(chunk); err != nil {
+				return // the slow reader has gone
 			}
 		}
-		slow.Close()
-		if path := await(t, ran, "the slow reader's task, once it had gone"); path != "/big" {
-			t.Errorf("extra task from %s", path)
+	})
+
+	slow := dial(t, srv)
+	io.WriteString(slow, "GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
+	if _, err := slow.Read(make([]byte, 1)); err != nil { // the response has begun; read no more
+		t.Fatal(err)
+	}
+	for i := range others {
+		get(t, srv.Client(), fmt.Sprintf("%s/small/%d", srv.URL, i))
+	}
+	for range others {
+		if path := await(t, ran, "the other requests' tasks"); path == "/big" {
+			t.Fatal("the slow reader's task ran while its response was still being written")
 		}
-	}, http1)
+	}
+	slow.Close()
+	if path := await(t, ran, "the slow reader's task, once it had gone"); path != "/big" {
+		t.Errorf("extra task from %s", path)
+	}
 }
 
 func TestConnectionClientLeavingBeforeReadingStillGetsTasksRunOnce(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		var runs atomic.Int32
-		added := make(chan struct{})
-		clientGone := make(chan bool, 1)
-		srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			addTask(r, func(context.Context) error { runs.Add(1); return nil })
-			close(added)
-			_, ok := receive(r.Context().Done()) // net/http cancels it when the client leaves
-			clientGone <- ok
-			io.WriteString(w, "nobody reads this")
-		})
+	run(t, testConnectionClientLeavingBeforeReadingStillGetsTasksRunOnce)
+}
 
-		ctx, leave := context.WithCancel(context.Background())
-		req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL, nil)
-		left := make(chan error, 1)
-		go func() {
-			_, err := srv.Client().Do(req)
-			left <- err
-		}()
-		await(t, added, "the handler to add its task")
-		leave()
-		if !await(t, clientGone, "the handler to finish") {
-			t.Fatal("the request's context was not canceled: net/http did not see the client leave")
-		}
-		if err := await(t, left, "the client to leave"); err == nil {
-			t.Fatal("the client got a response after it left")
-		}
-		shutdown(t, h)
-		if n := runs.Load(); n != 1 {
-			t.Errorf("the task ran %d times, want once", n)
-		}
+func testConnectionClientLeavingBeforeReadingStillGetsTasksRunOnce(t *testing.T, p proto) {
+	var runs atomic.Int32
+	added := make(chan struct{})
+	clientGone := make(chan bool, 1)
+	srv, h, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { runs.Add(1); return nil })
+		close(added)
+		_, ok := receive(r.Context().Done()) // net/http cancels it when the client leaves
+		clientGone <- ok
+		io.WriteString(w, "nobody reads this")
 	})
+
+	ctx, leave := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL, nil)
+	left := make(chan error, 1)
+	go func() {
+		_, err := srv.Client().Do(req)
+		left <- err
+	}()
+	await(t, added, "the handler to add its task")
+	leave()
+	if !await(t, clientGone, "the handler to finish") {
+		t.Fatal("the request's context was not canceled: net/http did not see the client leave")
+	}
+	if err := await(t, left, "the client to leave"); err == nil {
+		t.Fatal("the client got a response after it left")
+	}
+	shutdown(t, h)
+	if n := runs.Load(); n != 1 {
+		t.Errorf("the task ran %d times, want once", n)
+	}
 }
 
 // --- 3. TestOrder…: in order within a request, concurrently across requests ---
@@ -1047,12 +1059,7 @@ func testOrderExactlyOnce(t *testing.T) {
 		id, _ := strconv.Atoi(r.URL.Query().Get("id"))
 		var wg sync.WaitGroup
 		for a := range adders {
-			wg.Go(func() {
-				for k := range tasksEach {
-					slot := &runs[id][a*tasksEach+k]
-					addTask(r, func(context.Context) error { slot.Add(1); return nil })
-				}
-			})
+			wg.Go(func() { addCounters(r, runs[id][a*tasksEach:][:tasksEach]) })
 		}
 		wg.Wait()
 	})
@@ -1068,6 +1075,14 @@ func testOrderExactlyOnce(t *testing.T) {
 				t.Errorf("request %d task %d ran %d times, want once", id, k, n)
 			}
 		}
+	}
+}
+
+// addCounters adds to r's request a task for each of runs, which counts
+// how many times it runs.
+func addCounters(r *http.Request, runs []atomic.Int32) {
+	for i := range runs {
+		addTask(r, func(context.Context) error { runs[i].Add(1); return nil })
 	}
 }
 
@@ -1108,6 +1123,9 @@ func testContextValuesAndCancel(t *testing.T) {
 	}
 }
 
+// noop is a task that does nothing.
+func noop(context.Context) error { return nil }
+
 // Middleware may print r.Context() while the handler adds a task: it reads
 // as context.WithValue's would, and races with nothing.
 func TestContextOfRequestPrintsAsWithValueDoesWhileTasksAreAdded(t *testing.T) {
@@ -1116,7 +1134,7 @@ func TestContextOfRequestPrintsAsWithValueDoesWhileTasksAreAdded(t *testing.T) {
 	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		added := make(chan struct{})
 		go func() {
-			addTask(r, func(context.Context) error { return nil })
+			addTask(r, noop)
 			close(added)
 		}()
 		printed <- fmt.Sprint(r.Context())
@@ -1228,7 +1246,7 @@ func testFailureLogBlocks(t *testing.T) {
 	var ran atomic.Bool
 	h := background.NewHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/" { // panicOf's request: its dropped task is logged
-			addTask(r, func(context.Context) error { return nil })
+			addTask(r, noop)
 			panic("handler blew up")
 		}
 		addTask(r, func(context.Context) error { ran.Store(true); return nil })
@@ -1295,9 +1313,10 @@ func TestPanicInHandlerRunsNoTasks(t *testing.T) {
 func testPanicRunsNoTasks(t *testing.T) {
 	for _, late := range []bool{false, true} { // late: added by a goroutine the handler left behind
 		var ran bool
+		task := func(context.Context) error { ran = true; return nil }
 		panicked := make(chan struct{})
 		h, logs := wrap(t, func(w http.ResponseWriter, r *http.Request) {
-			add := func() { addTask(r, func(context.Context) error { ran = true; return nil }) }
+			add := func() { addTask(r, task) }
 			if late {
 				go func() { <-panicked; add() }()
 			} else {
@@ -1345,7 +1364,6 @@ func TestAddToNilOrZeroTasksOrOfANilTaskPanicsNamingTheFix(t *testing.T) {
 	if tasks := background.FromContext(context.Background()); tasks != nil {
 		t.Fatalf("FromContext outside a wrapped handler = %v, want nil", tasks)
 	}
-	noop := func(context.Context) error { return nil }
 	nilTask, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) { addTask(r, nil) })
 	for _, misuse := range []struct {
 		name  string
@@ -1622,7 +1640,7 @@ func testLimitPending(t *testing.T) {
 	g := newGate()
 	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
 		addTask(r, g.task)
-		addTask(r, func(context.Context) error { return nil })
+		addTask(r, noop)
 		if r.URL.Path == "/" { // panicOf's request: its tasks are dropped
 			panic("handler blew up")
 		}
@@ -1649,57 +1667,59 @@ func testLimitPending(t *testing.T) {
 // --- 10. TestWriter…: the handler's w ---
 
 func TestWriterKeptByTaskReachesNoOtherResponse(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		const rounds = 50
-		type use struct {
-			header   string // what the kept w's Header held after the task set it
-			writeErr error
-		}
-		serving := make(chan struct{}) // /b's handler is running
-		used := make(chan use)         // the task has used the kept w, or panicked trying
-		uses := make(chan use, 1)      // passed on by /b's handler, once it has written
-		srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			if r.URL.Path == "/b" {
-				select {
-				case serving <- struct{}{}:
-				case <-time.After(failSafe):
-				}
-				u, _ := receive(used)
-				io.WriteString(w, "b")
-				uses <- u
-				return
+	run(t, testWriterKeptByTaskReachesNoOtherResponse)
+}
+
+func testWriterKeptByTaskReachesNoOtherResponse(t *testing.T, p proto) {
+	const rounds = 50
+	type use struct {
+		header   string // what the kept w's Header held after the task set it
+		writeErr error
+	}
+	serving := make(chan struct{}) // /b's handler is running
+	used := make(chan use)         // the task has used the kept w, or panicked trying
+	uses := make(chan use, 1)      // passed on by /b's handler, once it has written
+	srv, h, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/b" {
+			select {
+			case serving <- struct{}{}:
+			case <-time.After(failSafe):
 			}
-			addTask(r, func(context.Context) error {
-				var u use
-				defer func() { used <- u }()
-				receive(serving)
-				// The mistake: a closure that kept the handler's w.
-				w.Header().Set("Set-Cookie", "session=user-A-secret")
-				u.header = w.Header().Get("Set-Cookie")
-				_, u.writeErr = io.WriteString(w, "leak")
-				w.WriteHeader(http.StatusTeapot)
-				w.(http.Flusher).Flush()
-				return nil
-			})
+			u, _ := receive(used)
+			io.WriteString(w, "b")
+			uses <- u
+			return
+		}
+		addTask(r, func(context.Context) error {
+			var u use
+			defer func() { used <- u }()
+			receive(serving)
+			// The mistake: a closure that kept the handler's w.
+			w.Header().Set("Set-Cookie", "session=user-A-secret")
+			u.header = w.Header().Get("Set-Cookie")
+			_, u.writeErr = io.WriteString(w, "leak")
+			w.WriteHeader(http.StatusTeapot)
+			w.(http.Flusher).Flush()
+			return nil
 		})
-		for i := range rounds {
-			get(t, srv.Client(), srv.URL+"/a")
-			resp, body := do(t, srv.Client(), "GET", srv.URL+"/b")
-			if resp.StatusCode != http.StatusOK || body != "b" || resp.Header["Set-Cookie"] != nil {
-				t.Fatalf("round %d: /b got %s %q with Set-Cookie %q; want 200 \"b\" and no cookie",
-					i, resp.Status, body, resp.Header["Set-Cookie"])
-			}
-			u := await(t, uses, "the task")
-			if u.header != "session=user-A-secret" || u.writeErr == nil {
-				t.Fatalf("round %d: the kept w's Header held %q after Set, and Write returned %v; want the cookie, and an error",
-					i, u.header, u.writeErr)
-			}
-		}
-		shutdown(t, h)
-		if rec := logs.find(t, "task panicked"); rec != nil {
-			t.Fatalf("using the kept w panicked: %v", rec["panic"])
-		}
 	})
+	for i := range rounds {
+		get(t, srv.Client(), srv.URL+"/a")
+		resp, body := do(t, srv.Client(), "GET", srv.URL+"/b")
+		if resp.StatusCode != http.StatusOK || body != "b" || resp.Header["Set-Cookie"] != nil {
+			t.Fatalf("round %d: /b got %s %q with Set-Cookie %q; want 200 \"b\" and no cookie",
+				i, resp.Status, body, resp.Header["Set-Cookie"])
+		}
+		u := await(t, uses, "the task")
+		if u.header != "session=user-A-secret" || u.writeErr == nil {
+			t.Fatalf("round %d: the kept w's Header held %q after Set, and Write returned %v; want the cookie, and an error",
+				i, u.header, u.writeErr)
+		}
+	}
+	shutdown(t, h)
+	if rec := logs.find(t, "task panicked"); rec != nil {
+		t.Fatalf("using the kept w panicked: %v", rec["panic"])
+	}
 }
 
 // Handlers ask w which interfaces it has: a WebSocket library, for one, may
@@ -1743,49 +1763,51 @@ func TestWriterHasTheInterfacesOfTheServersWriter(t *testing.T) {
 // nothing to it, yet the request's tasks still run. Header still returns the
 // handler's map, as net/http's does.
 func TestWriterHijackHandsOverTheConnectionAndTasksStillRun(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		errs := make(chan error, 3)
-		ran := make(chan struct{})
-		srv, _, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			addTask(r, func(context.Context) error { close(ran); return nil })
-			header := w.Header()
-			header.Set("X-Set-Before-Hijack", "yes")
-			conn, brw, err := http.NewResponseController(w).Hijack()
-			if err != nil {
-				t.Errorf("Hijack through the wrapper: %v", err)
-				return
-			}
-			defer conn.Close()
-			if w.Header().Get("X-Set-Before-Hijack") != "yes" || reflect.ValueOf(w.Header()).Pointer() != reflect.ValueOf(header).Pointer() {
-				t.Errorf("after Hijack, Header returns %v; want the map the handler had", w.Header())
-			}
-			_, _, err = http.NewResponseController(w).Hijack()
-			errs <- err
-			_, err = io.WriteString(w, "too late")
-			errs <- err
-			_, err = io.Copy(w, readerOnly{strings.NewReader("too late")}) // through ReadFrom
-			errs <- err
-			brw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nhijacked")
-			brw.Flush()
-		})
+	run(t, testWriterHijackHandsOverTheConnectionAndTasksStillRun, http1)
+}
 
-		if body := get(t, srv.Client(), srv.URL); body != "hijacked" {
-			t.Errorf("client read %q, want %q", body, "hijacked")
+func testWriterHijackHandsOverTheConnectionAndTasksStillRun(t *testing.T, p proto) {
+	errs := make(chan error, 3)
+	ran := make(chan struct{})
+	srv, _, logs := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { close(ran); return nil })
+		header := w.Header()
+		header.Set("X-Set-Before-Hijack", "yes")
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Errorf("Hijack through the wrapper: %v", err)
+			return
 		}
-		for _, call := range []string{"a second Hijack", "Write", "io.Copy"} {
-			if err := await(t, errs, "the handler"); !errors.Is(err, http.ErrHijacked) {
-				t.Errorf("%s after Hijack returned %v; want http.ErrHijacked", call, err)
-			}
+		defer conn.Close()
+		if w.Header().Get("X-Set-Before-Hijack") != "yes" || reflect.ValueOf(w.Header()).Pointer() != reflect.ValueOf(header).Pointer() {
+			t.Errorf("after Hijack, Header returns %v; want the map the handler had", w.Header())
 		}
-		await(t, ran, "the task of a hijacking handler")
-		if rec := logs.find(t, "dropped"); rec != nil {
-			t.Errorf("the task was dropped: %v", rec)
+		_, _, err = http.NewResponseController(w).Hijack()
+		errs <- err
+		_, err = io.WriteString(w, "too late")
+		errs <- err
+		_, err = io.Copy(w, readerOnly{strings.NewReader("too late")}) // through ReadFrom
+		errs <- err
+		brw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nhijacked")
+		brw.Flush()
+	})
+
+	if body := get(t, srv.Client(), srv.URL); body != "hijacked" {
+		t.Errorf("client read %q, want %q", body, "hijacked")
+	}
+	for _, call := range []string{"a second Hijack", "Write", "io.Copy"} {
+		if err := await(t, errs, "the handler"); !errors.Is(err, http.ErrHijacked) {
+			t.Errorf("%s after Hijack returned %v; want http.ErrHijacked", call, err)
 		}
-		srv.Close()
-		if s := srv.errorLog.String(); s != "" {
-			t.Errorf("the wrapper wrote to the hijacked connection; net/http said: %s", s)
-		}
-	}, http1)
+	}
+	await(t, ran, "the task of a hijacking handler")
+	if rec := logs.find(t, "dropped"); rec != nil {
+		t.Errorf("the task was dropped: %v", rec)
+	}
+	srv.Close()
+	if s := srv.errorLog.String(); s != "" {
+		t.Errorf("the wrapper wrote to the hijacked connection; net/http said: %s", s)
+	}
 }
 
 // A handler that tunnels a connection may keep one http.ResponseController
@@ -1824,74 +1846,80 @@ func TestWriterDeadlinesStillApplyAfterHijack(t *testing.T) {
 	}, http1)
 }
 
+// flushes are the two ways a handler flushes.
+var flushes = []struct {
+	name  string
+	flush func(w http.ResponseWriter) error
+}{
+	{"http.Flusher", func(w http.ResponseWriter) error { w.(http.Flusher).Flush(); return nil }},
+	{"http.ResponseController", func(w http.ResponseWriter) error { return http.NewResponseController(w).Flush() }},
+}
+
 func TestWriterFlushSendsEachChunkBeforeHandlerGoesOn(t *testing.T) {
-	flushes := []struct {
-		name  string
-		flush func(w http.ResponseWriter) error
-	}{
-		{"http.Flusher", func(w http.ResponseWriter) error { w.(http.Flusher).Flush(); return nil }},
-		{"http.ResponseController", func(w http.ResponseWriter) error { return http.NewResponseController(w).Flush() }},
-	}
-	run(t, func(t *testing.T, p proto) {
-		for _, tc := range flushes {
-			t.Run(tc.name, func(t *testing.T) {
-				clientGot := make(chan struct{})
-				var srv *testServer
-				srv, _, _ = serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-					io.WriteString(w, "first")
-					if err := tc.flush(w); err != nil {
-						t.Errorf("Flush: %v", err)
-					}
-					if p == http1 {
-						if !bytes.Contains(srv.wire.sent(), []byte("first")) {
-							t.Errorf("once Flush had returned, the wire held %q; want the chunk", srv.wire.sent())
-						}
-					} else if _, ok := receive(clientGot); !ok {
-						t.Error("timed out waiting for the client to read the flushed chunk")
-					}
-					io.WriteString(w, "second")
-				})
-				resp := open(t, srv.Client(), "GET", srv.URL)
-				first := make([]byte, len("first"))
-				if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" {
-					t.Fatalf("read %q, %v before the handler went on; want %q", first, err, "first")
+	run(t, testWriterFlushSendsEachChunkBeforeHandlerGoesOn)
+}
+
+func testWriterFlushSendsEachChunkBeforeHandlerGoesOn(t *testing.T, p proto) {
+	for _, tc := range flushes {
+		t.Run(tc.name, func(t *testing.T) {
+			clientGot := make(chan struct{})
+			var srv *testServer
+			srv, _, _ = serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+				io.WriteString(w, "first")
+				if err := tc.flush(w); err != nil {
+					t.Errorf("Flush: %v", err)
 				}
-				close(clientGot)
-				if rest, err := io.ReadAll(resp.Body); err != nil || string(rest) != "second" {
-					t.Errorf("then read %q, %v; want %q", rest, err, "second")
+				if p == http1 {
+					if !bytes.Contains(srv.wire.sent(), []byte("first")) {
+						t.Errorf("once Flush had returned, the wire held %q; want the chunk", srv.wire.sent())
+					}
+				} else if _, ok := receive(clientGot); !ok {
+					t.Error("timed out waiting for the client to read the flushed chunk")
 				}
+				io.WriteString(w, "second")
 			})
-		}
-	})
+			resp := open(t, srv.Client(), "GET", srv.URL)
+			first := make([]byte, len("first"))
+			if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" {
+				t.Fatalf("read %q, %v before the handler went on; want %q", first, err, "first")
+			}
+			close(clientGot)
+			if rest, err := io.ReadAll(resp.Body); err != nil || string(rest) != "second" {
+				t.Errorf("then read %q, %v; want %q", rest, err, "second")
+			}
+		})
+	}
 }
 
 func TestWriterCopyReportsBytesCopiedAndNoError(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		for _, size := range []int{0, 17, bufferLimit, bufferLimit + 1, 3 * bufferLimit} {
-			for _, sized := range []bool{false, true} {
-				t.Run(fmt.Sprintf("%d bytes, Content-Length %v", size, sized), func(t *testing.T) {
-					type result struct {
-						n   int64
-						err error
+	run(t, testWriterCopyReportsBytesCopiedAndNoError)
+}
+
+func testWriterCopyReportsBytesCopiedAndNoError(t *testing.T, p proto) {
+	for _, size := range []int{0, 17, bufferLimit, bufferLimit + 1, 3 * bufferLimit} {
+		for _, sized := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%d bytes, Content-Length %v", size, sized), func(t *testing.T) {
+				type result struct {
+					n   int64
+					err error
+				}
+				results := make(chan result, 1)
+				srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+					if sized {
+						w.Header().Set("Content-Length", fmt.Sprint(size))
 					}
-					results := make(chan result, 1)
-					srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-						if sized {
-							w.Header().Set("Content-Length", fmt.Sprint(size))
-						}
-						n, err := io.Copy(w, readerOnly{bytes.NewReader(make([]byte, size))})
-						results <- result{n, err}
-					})
-					if body := get(t, srv.Client(), srv.URL); len(body) != size {
-						t.Errorf("client got %d bytes, want %d", len(body), size)
-					}
-					if got := await(t, results, "the handler"); got.n != int64(size) || got.err != nil {
-						t.Errorf("io.Copy = %d, %v; want %d, nil", got.n, got.err, size)
-					}
+					n, err := io.Copy(w, readerOnly{bytes.NewReader(make([]byte, size))})
+					results <- result{n, err}
 				})
-			}
+				if body := get(t, srv.Client(), srv.URL); len(body) != size {
+					t.Errorf("client got %d bytes, want %d", len(body), size)
+				}
+				if got := await(t, results, "the handler"); got.n != int64(size) || got.err != nil {
+					t.Errorf("io.Copy = %d, %v; want %d, nil", got.n, got.err, size)
+				}
+			})
 		}
-	})
+	}
 }
 
 // --- 11. TestMux…: safe around a whole mux ---
@@ -2010,67 +2038,71 @@ func TestMuxReverseProxyUpgradeSendsTheHeadersMiddlewareSet(t *testing.T) {
 }
 
 func TestMuxMaxBytesHandlerAnswersAStalledClientAtOnce(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		ran := make(chan struct{})
-		inner := func(w http.ResponseWriter, r *http.Request) {
-			addTask(r, func(context.Context) error { close(ran); return nil })
-			if _, err := io.ReadAll(r.Body); err != nil {
-				http.Error(w, err.Error(), http.StatusRequestEntityTooLarge)
-			}
+	run(t, testMuxMaxBytesHandlerAnswersAStalledClientAtOnce, http1)
+}
+
+func testMuxMaxBytesHandlerAnswersAStalledClientAtOnce(t *testing.T, p proto) {
+	ran := make(chan struct{})
+	inner := func(w http.ResponseWriter, r *http.Request) {
+		addTask(r, func(context.Context) error { close(ran); return nil })
+		if _, err := io.ReadAll(r.Body); err != nil {
+			http.Error(w, err.Error(), http.StatusRequestEntityTooLarge)
 		}
-		h, _ := wrap(t, http.MaxBytesHandler(http.HandlerFunc(inner), 1<<10).ServeHTTP)
-		conn := dial(t, serve(t, p, h))
-		// The client declares far more than the limit, sends a little over it,
-		// and stalls.
-		io.WriteString(conn, "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 200000\r\n\r\n")
-		conn.Write(make([]byte, 2<<10))
-		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-		if err != nil {
-			t.Fatalf("no response while the client stalls: %v", err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusRequestEntityTooLarge || !resp.Close {
-			t.Errorf("got %s, Connection %q; want 413 and close", resp.Status, resp.Header.Get("Connection"))
-		}
-		await(t, ran, "the task")
-	}, http1)
+	}
+	h, _ := wrap(t, http.MaxBytesHandler(http.HandlerFunc(inner), 1<<10).ServeHTTP)
+	conn := dial(t, serve(t, p, h))
+	// The client declares far more than the limit, sends a little over it,
+	// and stalls.
+	io.WriteString(conn, "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 200000\r\n\r\n")
+	conn.Write(make([]byte, 2<<10))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("no response while the client stalls: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestEntityTooLarge || !resp.Close {
+		t.Errorf("got %s, Connection %q; want 413 and close", resp.Status, resp.Header.Get("Connection"))
+	}
+	await(t, ran, "the task")
 }
 
 func TestMuxUploadedFilesAreRemovedBeforeTasksStart(t *testing.T) {
-	run(t, func(t *testing.T, p proto) {
-		dir := t.TempDir()
-		t.Setenv("TMPDIR", dir) // where mime/multipart keeps uploads too large for memory
-		files := func() int {
-			entries, err := os.ReadDir(dir)
-			if err != nil {
-				t.Error(err)
-			}
-			return len(entries)
-		}
-		inHandler, inTask := make(chan int, 1), make(chan int, 1)
-		srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
-			if err := r.ParseMultipartForm(1 << 10); err != nil { // larger files go to disk
-				t.Error(err)
-			}
-			inHandler <- files()
-			addTask(r, func(context.Context) error { inTask <- files(); return nil })
-		})
+	run(t, testMuxUploadedFilesAreRemovedBeforeTasksStart)
+}
 
-		var body bytes.Buffer
-		form := multipart.NewWriter(&body)
-		part, _ := form.CreateFormFile("upload", "big.bin")
-		part.Write(make([]byte, 100<<10))
-		form.Close()
-		req, _ := http.NewRequest("POST", srv.URL, &body)
-		req.Header.Set("Content-Type", form.FormDataContentType())
-		openRequest(t, srv.Client(), req)
-		if n := await(t, inHandler, "the handler"); n != 1 {
-			t.Fatalf("the handler saw %d files in TMPDIR, want its upload", n)
+func testMuxUploadedFilesAreRemovedBeforeTasksStart(t *testing.T, p proto) {
+	dir := t.TempDir()
+	t.Setenv("TMPDIR", dir) // where mime/multipart keeps uploads too large for memory
+	files := func() int {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			t.Error(err)
 		}
-		if n := await(t, inTask, "the task"); n != 0 {
-			t.Errorf("the task saw %d files in TMPDIR; want the upload removed, as net/http does without the wrapper", n)
+		return len(entries)
+	}
+	inHandler, inTask := make(chan int, 1), make(chan int, 1)
+	srv, _, _ := serveWrapped(t, p, func(w http.ResponseWriter, r *http.Request) {
+		if err := r.ParseMultipartForm(1 << 10); err != nil { // larger files go to disk
+			t.Error(err)
 		}
+		inHandler <- files()
+		addTask(r, func(context.Context) error { inTask <- files(); return nil })
 	})
+
+	var body bytes.Buffer
+	form := multipart.NewWriter(&body)
+	part, _ := form.CreateFormFile("upload", "big.bin")
+	part.Write(make([]byte, 100<<10))
+	form.Close()
+	req, _ := http.NewRequest("POST", srv.URL, &body)
+	req.Header.Set("Content-Type", form.FormDataContentType())
+	openRequest(t, srv.Client(), req)
+	if n := await(t, inHandler, "the handler"); n != 1 {
+		t.Fatalf("the handler saw %d files in TMPDIR, want its upload", n)
+	}
+	if n := await(t, inTask, "the task"); n != 0 {
+		t.Errorf("the task saw %d files in TMPDIR; want the upload removed, as net/http does without the wrapper", n)
+	}
 }
 
 // net/http fills in r.Trailer once the body has been read, on the request it
@@ -2606,7 +2638,7 @@ func BenchmarkHandler(b *testing.B) {
 		w.Write(reply)
 	}
 	withTask := func(w http.ResponseWriter, r *http.Request) {
-		addTask(r, func(context.Context) error { return nil })
+		addTask(r, noop)
 		respond(w, r)
 	}
 	b.Run("bare", func(b *testing.B) { benchmarkServe(b, http.HandlerFunc(respond)) })
