@@ -1,8 +1,7 @@
-// Command notify is the FastAPI background-tasks tutorial in Go. POST
-// /send-notification/{email} answers at once; a task then appends
-// "Notification sent to: EMAIL" to a log file. On a signal or a serving error,
-// it runs the queued tasks. It exits 0 only if a signal stopped it and every
-// task wrote its line; else its last line says why, and counts lines lost.
+// Command notify is the FastAPI background-tasks tutorial in Go: POST
+// /send-notification/{email} answers at once, and a task appends a line to a
+// log file. On a signal or a serving error it runs the queued tasks, and exits
+// 0 only if a signal stopped it and each wrote its line; else its last line says why.
 package main
 
 import (
@@ -13,6 +12,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/mail"
@@ -107,7 +107,7 @@ func (l *notificationLog) follow() error {
 }
 
 // close stops all appends, and counts the acknowledged lines not in the file.
-// An append in progress gets a second: one stuck longer counts as not written.
+// An append in progress gets a second; one stuck longer counts as not written.
 func (l *notificationLog) close() (lost int64) {
 	l.closed.Store(true) // an append that takes l.mu from now on writes nothing
 	appended := make(chan struct{})
@@ -184,6 +184,7 @@ func main() {
 
 // exit prints last, and exits with code: within a second if nobody reads stderr.
 func exit(code int, last string) {
+	log.SetOutput(io.Discard) // where background's and net/http's lines go: none may follow the last
 	go func() { fmt.Fprintln(os.Stderr, last); os.Exit(code) }()
 	time.Sleep(time.Second)
 	os.Exit(code)
@@ -219,8 +220,7 @@ func serve(ln net.Listener, signals <-chan os.Signal, tasks *background.Handler,
 	if srv.Shutdown(ctx) != nil {
 		srv.Close()
 	}
-	// Step 2: http.Server.Shutdown does not wait for the tasks.
-	if tasks.Shutdown(ctx) != nil && err == nil {
+	if tasks.Shutdown(ctx) != nil && err == nil { // Step 2, which srv.Shutdown does not do: wait for the tasks.
 		err = fmt.Errorf("tasks still running after %v", drain)
 	}
 	if lost := logFile.close(); err != nil || lost > 0 {
