@@ -2614,26 +2614,14 @@ func BenchmarkUnsizedBody(b *testing.B) {
 }
 
 // BenchmarkLoopback measures what a client feels: requests per second, and
-// the client's median and p99 latency, for a short JSON reply over 32
-// keep-alive connections on 127.0.0.1, in each of loopbackModes, with a no-op
-// task and with a task that sleeps 200 ms.
-//
-// The client is as light as a client can be, so that the server's cost
-// shows: raw connections that write a prebuilt request and read each response
-// by its status line and Content-Length. (A net/http client would spend most
-// of the machine itself.) It still shares the cores with the server. For a
-// client in another process, run the test binary as a server, and a load
-// generator such as wrk (from Debian's packages), each on a core of its own:
-//
-//	go test -c -o /tmp/background.test .
-//	taskset -c 0 /tmp/background.test -serve 127.0.0.1:8080 &
-//	taskset -c 1 wrk -t1 -c32 -d2s --latency http://127.0.0.1:8080/noop/background
-//
-// The paths are /noop/MODE and /sleep200ms/MODE. On a shared virtual machine
-// the same server can serve twice as many requests in one second as in the
-// next, and a whole run can be 20% slower than one an hour earlier. So
-// compare modes within one run, taking turns, over several rounds; take
-// medians; and read a ratio between two modes as a range, not a point.
+// the median and p99 latency, for a short JSON reply over 32 keep-alive
+// connections on 127.0.0.1, in each of loopbackModes, with a no-op task and
+// with a task that sleeps 200 ms. Its client writes a prebuilt request and
+// reads each response by its Content-Length, so that the server's cost shows.
+// For a client in another process, such as wrk, run the test binary with
+// -serve 127.0.0.1:8080, at /noop/MODE and /sleep200ms/MODE. A shared virtual
+// machine's speed varies from second to second: compare modes within one
+// run, over several rounds, and read a ratio between two as a range.
 func BenchmarkLoopback(b *testing.B) {
 	h, wait := loopbackServer()
 	addr := listenLoopback(b, h)
@@ -2725,28 +2713,20 @@ func loopbackServer() (http.Handler, func()) {
 	}
 }
 
-// loopbackConns is how many keep-alive connections carry the load.
-const loopbackConns = 32
-
 // listenLoopback serves h on a free port of 127.0.0.1 until the benchmark
 // ends, and returns its address.
 func listenLoopback(b *testing.B, h http.Handler) string {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: failSafe}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	go srv.Serve(ln)
-	b.Cleanup(func() { srv.Close() })
-	return ln.Addr().String()
+	srv := httptest.NewServer(h)
+	b.Cleanup(srv.Close)
+	return srv.Listener.Addr().String()
 }
 
-// benchmarkLoopback GETs path b.N times in all over loopbackConns
+// benchmarkLoopback GETs path b.N times in all over 32 keep-alive
 // connections to addr, each waiting for one response before it sends the
 // next request.
 func benchmarkLoopback(b *testing.B, addr, path string) {
 	request := []byte("GET " + path + " HTTP/1.1\r\nHost: " + addr + "\r\n\r\n")
-	conns := make([]net.Conn, loopbackConns)
+	conns := make([]net.Conn, 32)
 	for i := range conns {
 		conn, err := net.Dial("tcp", addr)
 		if err != nil {
@@ -2803,13 +2783,9 @@ func readResponse(br *bufio.Reader) error {
 		return fmt.Errorf("status line %q", line)
 	}
 	length := -1
-	for {
-		line, err := br.ReadSlice('\n')
+	for line, err = br.ReadSlice('\n'); string(line) != "\r\n"; line, err = br.ReadSlice('\n') { // to the header's end
 		if err != nil {
 			return err
-		}
-		if string(line) == "\r\n" { // the end of the header
-			break
 		}
 		if v, ok := bytes.CutPrefix(line, []byte("Content-Length: ")); ok {
 			length, _ = strconv.Atoi(string(bytes.TrimSpace(v)))
