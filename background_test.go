@@ -2243,7 +2243,7 @@ func TestTransparentResponseIsTheSameWithOrWithoutWrapper(t *testing.T) {
 			w.Header().Set("X-After", "ignored")
 		}},
 		{"/just-over-buffer", func(w http.ResponseWriter, r *http.Request) { chunked(w, bufferLimit+1) }},
-		{"/multi-megabyte", func(w http.ResponseWriter, r *http.Request) { chunked(w, 5<<20) }},
+		{"/multi-megabyte", func(w http.ResponseWriter, r *http.Request) { chunked(w, 2<<20) }},
 		{"/flushed", func(w http.ResponseWriter, r *http.Request) {
 			io.WriteString(w, "first ")
 			w.(http.Flusher).Flush()
