@@ -57,12 +57,13 @@ import (
 //  8. TestShutdown…    waits, gives up, and loses nothing without a log line
 //  9. TestLimit…       at MaxPending, 503 before the handler runs; nothing dropped
 // 10. TestWriter…      the handler's w: cut off once it returns, Hijack, Copy
-// 11. TestMux…         around a real mux: files, proxies, limits, uploads
+// 11. TestMux…         around a real mux: proxies, limits, uploads
 //
 // A first reading can stop there. After a comment that says so come:
 //
-// 12. TestTransparent… net/http's response but for the differences the
-//                      package doc lists, which FuzzTransparent checks too
+// 12. TestTransparent… the same response as net/http alone, files and
+//                      trailers too, but for the differences the package
+//                      doc lists; FuzzTransparent writes the handlers
 // 13. Benchmark…       what the wrapper costs; CI runs each once, to keep
 //                      them working
 
@@ -1668,8 +1669,8 @@ func testMuxUploads(t *testing.T, p proto) {
 
 // response is what a client saw of one response.
 type response struct {
-	Informational []string    // 1xx responses, each with its header
-	Status        int         //
+	Informational []string // 1xx responses, each with its header
+	Status        int
 	Header        http.Header // without Date, Content-Length and Transfer-Encoding
 	ContentLength string      // the header, which compare leaves out: the wrapper adds one to what it holds back
 	Body          string
