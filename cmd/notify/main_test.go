@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"log"
@@ -29,10 +30,8 @@ import (
 // failSafe bounds every wait, only so that a broken build cannot hang.
 const failSafe = 30 * time.Second
 
-// --- The endpoint, the email check and serve, in process ---
-
-// newHandler returns the program's endpoint as main builds it, with a log
-// file in a temporary directory, which its first line creates.
+// newHandler returns the program's endpoint as main builds it, for the tests
+// in process, with a log file in a temporary directory.
 func newHandler(t *testing.T, delay time.Duration) (*background.Handler, *notificationLog) {
 	l := &notificationLog{path: filepath.Join(t.TempDir(), "log.txt")}
 	t.Cleanup(func() { l.file.Close() })
@@ -93,9 +92,7 @@ func TestServeErrorDrainsAndCountsLikeASignal(t *testing.T) {
 	}
 }
 
-// --- The program, end to end ---
-
-var bin string // the notify binary, which TestMain builds
+var bin string // the notify binary, which TestMain builds for the tests end to end
 
 func TestMain(m *testing.M) {
 	dir, _ := os.MkdirTemp("", "notify")
@@ -103,9 +100,9 @@ func TestMain(m *testing.M) {
 	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
 		log.Fatalf("go build: %v\n%s", err, out)
 	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	flag.Set("test.parallel", "8") // these tests mostly wait on the program, not on a core; -parallel still wins
+	defer os.RemoveAll(dir)
+	m.Run() // whose result go test exits with, once TestMain returns
 }
 
 // process is a running notify binary, in a directory of its own.
@@ -266,20 +263,18 @@ func (p *process) checkLines(t testing.TB, answered []string, last string) {
 func TestProgramFollowsTheTutorialAndDrainsOnEveryStopSignal(t *testing.T) {
 	t.Parallel()
 	for _, sig := range []os.Signal{os.Interrupt, syscall.SIGTERM, syscall.SIGHUP} {
-		t.Run(sig.String(), func(t *testing.T) { testDrainsOn(t, sig) })
+		t.Run(sig.String(), func(t *testing.T) {
+			t.Parallel()
+			p := start(t, "", "read", "-delay", "100ms", "-drain", "200ms")
+			ok, _ := p.flood(t, 1, 1) // answered before the task's delay ends
+			p.dial(t)                 // a client that sends nothing must not fail a clean shutdown
+			if last := p.stop(t, sig, 0); last != "Every task finished." {
+				t.Errorf("last line %q", last)
+			}
+			p.expect(t, p.stdout, "Log written: Notification sent to: user1@example.com")
+			p.checkLines(t, ok, "")
+		})
 	}
-}
-
-func testDrainsOn(t *testing.T, sig os.Signal) {
-	t.Parallel()
-	p := start(t, "", "read", "-delay", "100ms", "-drain", "200ms")
-	ok, _ := p.flood(t, 1, 1) // answered before the task's delay ends
-	p.dial(t)                 // a client that sends nothing must not fail a clean shutdown
-	if last := p.stop(t, sig, 0); last != "Every task finished." {
-		t.Errorf("last line %q", last)
-	}
-	p.expect(t, p.stdout, "Log written: Notification sent to: user1@example.com")
-	p.checkLines(t, ok, "")
 }
 
 func TestBadFlagsOrLogPathStopItBeforeServing(t *testing.T) {
@@ -298,32 +293,34 @@ func TestBadFlagsOrLogPathStopItBeforeServing(t *testing.T) {
 func TestFloodStoppedAnyWayKeepsALineOrACountForEach200(t *testing.T) {
 	t.Parallel()
 	for _, stop := range []struct {
-		drain  string
-		second os.Signal // signal 0 is none
-		code   int
-		last   string
+		name, drain, last string
+		second            os.Signal // signal 0 is none
+		code              int
 	}{
-		{"1h", syscall.Signal(0), 0, "Every task finished."},
-		{"10ms", syscall.Signal(0), 1, "notify: tasks still running after 10ms; "},
-		{"1h", syscall.SIGTERM, 1, "notify: second signal (terminated): exiting at once; "},
+		{"SIGTERM", "1h", "Every task finished.", syscall.Signal(0), 0},
+		{"drain deadline", "10ms", "notify: tasks still running after 10ms; ", syscall.Signal(0), 1},
+		{"second signal", "1h", "notify: second signal (terminated): exiting at once; ", syscall.SIGTERM, 1},
 	} {
-		p := start(t, "", "read", "-delay", "200ms", "-drain", stop.drain)
-		var ok []string
-		flooded := make(chan struct{})
-		go func() { ok, _ = p.flood(t, 1_000_000, 16); close(flooded) }()
-		for range 200 { // lines, so that tasks end while those of the last 200 ms wait
-			<-p.stdout
-		}
-		if stop.second == syscall.SIGTERM {
-			p.dial(t) // sends nothing, and holds srv.Shutdown for seconds: the drain outlasts any delay here
-		}
-		p.cmd.Process.Signal(syscall.SIGTERM)
-		p.expect(t, p.stderr, "Shutting down") // two signals sent at once may arrive as one
-		last := p.stop(t, stop.second, stop.code)
-		if <-flooded; !strings.HasPrefix(last, stop.last) {
-			t.Errorf("last line %q, want %q", last, stop.last)
-		}
-		p.checkLines(t, ok, last)
+		t.Run(stop.name, func(t *testing.T) {
+			t.Parallel()
+			p := start(t, "", "read", "-delay", "200ms", "-drain", stop.drain)
+			var ok []string
+			flooded := make(chan struct{})
+			go func() { ok, _ = p.flood(t, 1_000_000, 16); close(flooded) }()
+			for range 200 { // lines, so that tasks end while those of the last 200 ms wait
+				<-p.stdout
+			}
+			if stop.second == syscall.SIGTERM {
+				p.dial(t) // sends nothing, and holds srv.Shutdown for seconds: the drain outlasts any delay here
+			}
+			p.cmd.Process.Signal(syscall.SIGTERM)
+			p.expect(t, p.stderr, "Shutting down") // two signals sent at once may arrive as one
+			last := p.stop(t, stop.second, stop.code)
+			if <-flooded; !strings.HasPrefix(last, stop.last) {
+				t.Errorf("last line %q, want %q", last, stop.last)
+			}
+			p.checkLines(t, ok, last)
+		})
 	}
 }
 
@@ -341,9 +338,12 @@ func TestRequestsPastMaxPendingGet503WithRetryAfter(t *testing.T) {
 func TestStdoutNobodyReadsCostsNoLine(t *testing.T) {
 	t.Parallel()
 	for stdout, code := range map[string]int{"unread": 1, "closed": 0} {
-		p := start(t, "", stdout, "-drain", "300ms")
-		ok, _ := p.flood(t, 2500, 16) // more "Log written" lines than a pipe holds
-		p.checkLines(t, ok, p.stop(t, syscall.SIGTERM, code))
+		t.Run(stdout, func(t *testing.T) {
+			t.Parallel()
+			p := start(t, "", stdout, "-drain", "300ms")
+			ok, _ := p.flood(t, 2500, 16) // more "Log written" lines than a pipe holds
+			p.checkLines(t, ok, p.stop(t, syscall.SIGTERM, code))
+		})
 	}
 }
 
@@ -422,7 +422,6 @@ func TestHeaderFloodStaysUnder512MB(t *testing.T) {
 
 // memory returns VmRSS (held now) or VmHWM (held at most) from /proc, in bytes.
 func (p *process) memory(t testing.TB, field string) (kB int) {
-	t.Helper()
 	if runtime.GOOS != "linux" {
 		t.Skip("reads memory figures from /proc")
 	}
