@@ -40,22 +40,26 @@ import (
 // in the order below; each section's heading says what it checks. A
 // section's tests share its name prefix, so that go test -run TestShutdown .
 // runs that section alone. The tests of tasks (sections 3 to 9) call
-// ServeHTTP in process, once, in a synctest bubble. The tests of the wire
-// run over HTTP/1.1 and over HTTP/2, in subtests named h1 and h2 (go test
-// -run /h2 . runs the HTTP/2 ones), unless their promise is HTTP/1's alone.
-// Either way, a test fails if it leaves a goroutine running. Helpers and
-// Examples come first (Example_testing shows how to unit-test a handler that
-// adds tasks); what only one section uses sits with that section.
+// ServeHTTP in process, with no server, in a synctest bubble. The tests of
+// the wire run over HTTP/1.1 and over HTTP/2, in subtests named h1 and h2
+// (go test -run /h2 . runs the HTTP/2 ones), unless their promise is
+// HTTP/1's alone. Either way, a test fails if it leaves a goroutine running.
+// Helpers and Examples come first (Example_testing shows how to unit-test a
+// handler that adds tasks); what only one section uses sits with that
+// section.
 //
 //  1. TestResponse…    the whole response is sent before any task starts
 //  2. TestConnection…  the connection is free while tasks run
 //  3. TestOrder…       in order within a request, concurrently across requests
 //  4. TestContext…     a task's ctx: the request's values, Shutdown's cancellation
 //  5. TestFailure…     failures are logged, and the other tasks still run
-//  6. TestPanic…       a handler that panics runs no tasks, and sends nothing
-//  7. TestAdd…         misuse panics clearly; a late Add still runs
+//  6. TestPanic…       a handler that panics runs no tasks (each dropped with a
+//                      log line) and sends nothing
+//  7. TestAdd…         misuse panics clearly; an Add after the other tasks
+//                      finished still runs
 //  8. TestShutdown…    waits, gives up, and loses nothing without a log line
-//  9. TestLimit…       at MaxPending, 503 before the handler runs; nothing dropped
+//  9. TestLimit…       at MaxPending, 503 before the handler runs, one log line
+//                      a burst; nothing dropped
 // 10. TestWriter…      the handler's w: cut off once it returns, Hijack, Copy
 // 11. TestMux…         around a real mux: proxies, limits, uploads
 //
@@ -402,6 +406,11 @@ func addTask(r *http.Request, task func(ctx context.Context) error) {
 
 // noop is a task that does nothing.
 func noop(context.Context) error { return nil }
+
+// counter returns a task that counts its runs in n.
+func counter(n *atomic.Int32) func(context.Context) error {
+	return func(context.Context) error { n.Add(1); return nil }
+}
 
 // readerOnly hides any method of its Reader but Read, such as WriteTo, so
 // that io.Copy calls the writer's ReadFrom.
@@ -800,10 +809,11 @@ func TestOrderTasksRunInOrderOneAtATimeAndRequestsConcurrently(t *testing.T) {
 	synctest.Test(t, testOrder)
 }
 
-// testOrder serves two requests, each with four tasks that take a second on
-// the bubble's clock. Tasks of one request that overlapped would race on its
-// slice, and take less than four seconds; requests whose tasks ran one after
-// the other would take eight.
+// testOrder serves two requests, each of which adds three tasks; the first
+// adds a fourth. Each takes a second on the bubble's clock, which is exact:
+// tasks of one request that overlapped would take less than four seconds
+// (and race on its slice, under -race), and requests whose tasks ran one
+// after the other would take eight.
 func testOrder(t *testing.T) {
 	var orders [2][]int
 	h, _ := wrap(t, func(w http.ResponseWriter, r *http.Request) {
@@ -867,11 +877,6 @@ func testOrderExactlyOnce(t *testing.T) {
 			}
 		}
 	}
-}
-
-// counter returns a task that counts its runs in n.
-func counter(n *atomic.Int32) func(context.Context) error {
-	return func(context.Context) error { n.Add(1); return nil }
 }
 
 // --- 4. TestContext…: values, and only Shutdown's cancellation ---
@@ -1078,7 +1083,9 @@ func TestPanicInHandlerRunsNoTasksAndPropagatesUnchanged(t *testing.T) {
 }
 
 func testPanicRunsNoTasks(t *testing.T) {
-	for _, late := range []bool{false, true} { // late: added by a goroutine the handler left behind
+	// late: added after the panic, by a goroutine the handler left behind.
+	// The panic values are net/http's sentinel, and any other value.
+	for _, late := range []bool{false, true} {
 		var ran atomic.Int32
 		value := any(http.ErrAbortHandler)
 		if late {
@@ -1120,7 +1127,7 @@ func testPanicSendsNothing(t *testing.T, p proto) {
 	}
 }
 
-// --- 7. TestAdd…: misuse panics clearly; a late Add still runs ---
+// --- 7. TestAdd…: misuse panics clearly; an Add after the other tasks finished still runs ---
 
 func TestAddToNilOrZeroTasksOrOfANilTaskPanicsNamingTheFix(t *testing.T) {
 	if tasks := background.FromContext(context.Background()); tasks != nil {
@@ -1336,6 +1343,10 @@ func testShutdownRacing(t *testing.T) {
 
 // --- 9. TestLimit…: MaxPending ---
 
+// A request that finds MaxPending tasks pending gets a 503 before its handler
+// runs; a burst of them logs one line. A request let in may add past the
+// limit: nothing is dropped. Once the backlog drains (Shutdown waits for it,
+// and the Handler goes on serving), requests are accepted again.
 func TestLimitRefusesWith503AndRetryAfterDropsNothingAndAcceptsAgain(t *testing.T) {
 	synctest.Test(t, testLimit)
 }
