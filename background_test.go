@@ -1060,6 +1060,8 @@ func TestFailureLogLineThatBlocksHoldsUpNoOtherTask(t *testing.T) {
 // With no Logger, a Handler logs to slog.Default() as it is when it logs.
 func TestFailureIsLoggedToSlogDefaultIfLoggerIsNil(t *testing.T) {
 	logs := new(logBuffer)
+	defer log.SetOutput(log.Writer()) // which slog.SetDefault changes, and does not change back
+	defer log.SetFlags(log.Flags())
 	defer slog.SetDefault(slog.Default())
 	h := background.NewHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		addTask(r, func(context.Context) error { return errors.New("mail server said no") })
