@@ -293,21 +293,21 @@ func TestBadFlagsOrLogPathStopItBeforeServing(t *testing.T) {
 func TestFloodStoppedAnyWayKeepsALineOrACountForEach200(t *testing.T) {
 	t.Parallel()
 	for _, stop := range []struct {
-		name, drain, last string
-		second            os.Signal // signal 0 is none
-		code              int
+		name, delay, drain, last string
+		second                   os.Signal // signal 0 is none
+		code                     int
 	}{
-		{"SIGTERM", "1h", "Every task finished.", syscall.Signal(0), 0},
-		{"drain deadline", "10ms", "notify: tasks still running after 10ms; ", syscall.Signal(0), 1},
-		{"second signal", "1h", "notify: second signal (terminated): exiting at once; ", syscall.SIGTERM, 1},
+		{"SIGTERM", "200ms", "1h", "Every task finished.", syscall.Signal(0), 0},
+		{"drain deadline", "1s", "10ms", "notify: tasks still running after 10ms; ", syscall.Signal(0), 1}, // 1s: a loaded machine may starve the flood for 200 ms
+		{"second signal", "200ms", "1h", "notify: second signal (terminated): exiting at once; ", syscall.SIGTERM, 1},
 	} {
 		t.Run(stop.name, func(t *testing.T) {
 			t.Parallel()
-			p := start(t, "", "read", "-delay", "200ms", "-drain", stop.drain)
+			p := start(t, "", "read", "-delay", stop.delay, "-drain", stop.drain)
 			var ok []string
 			flooded := make(chan struct{})
 			go func() { ok, _ = p.flood(t, 1_000_000, 16); close(flooded) }()
-			for range 200 { // lines, so that tasks end while those of the last 200 ms wait
+			for range 200 { // lines, so that tasks end while those of the last -delay wait
 				<-p.stdout
 			}
 			if stop.second == syscall.SIGTERM {
