@@ -1974,17 +1974,17 @@ func FuzzTransparent(f *testing.F) {
 		{op(set, 3), op(write, 2)},                                           // Content-Length set, and met
 		{op(set, 3), op(write, 1)},                                           // Content-Length set, and not met
 		{op(write, 3), op(set, 3)},                                           // Content-Length set after writing
-		{op(write, 4), op(flush, 0), op(write, 4)},
-		{op(write, 5), op(write, 5)},              // past the buffer limit
-		{op(set, 4), op(write, 3), op(set, 5)},    // a declared trailer
-		{op(status, 0), op(set, 4), op(write, 3)}, // a trailer declared after WriteHeader
-		{op(set, 6), op(write, 3)},                // chunked set, so not sniffed
-		{op(status, 0), op(set, 6), op(write, 3)}, // chunked set after WriteHeader
-		{op(write, 3), op(set, 3), op(flush, 0)},
-		{op(set, 2), op(write, 32+3), op(write, 32+5)}, // io.Copy, past the buffer limit
-		{op(set, 3), op(write, 32+5)},
-		{op(write, 48), op(set, 0)}, // an empty io.Copy, unlike an empty Write, commits no header
-		{op(status, 7), op(write, 3)},
+		{op(write, 4), op(flush, 0), op(write, 4)},                           // flushed between two writes
+		{op(write, 5), op(write, 5)},                                         // past the buffer limit
+		{op(set, 4), op(write, 3), op(set, 5)},                               // a declared trailer
+		{op(status, 0), op(set, 4), op(write, 3)},                            // a trailer declared after WriteHeader
+		{op(set, 6), op(write, 3)},                                           // chunked set, so not sniffed
+		{op(status, 0), op(set, 6), op(write, 3)},                            // chunked set after WriteHeader
+		{op(write, 3), op(set, 3), op(flush, 0)},                             // Content-Length set after writing, then flushed
+		{op(set, 2), op(write, 32+3), op(write, 32+5)},                       // io.Copy, past the buffer limit
+		{op(set, 3), op(write, 32+5)},                                        // Content-Length shorter than an io.Copy
+		{op(write, 48), op(set, 0)},                                          // an empty io.Copy, unlike an empty Write, commits no header
+		{op(status, 7), op(write, 3)},                                        // an invalid status, on which net/http panics
 	} {
 		for _, head := range []bool{false, true} {
 			f.Add(head, false, seed)
